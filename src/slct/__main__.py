@@ -1,0 +1,5 @@
+import sys
+
+from slct.cli import main
+
+sys.exit(main())
