@@ -1,0 +1,155 @@
+"""slct.curriculum: N(k), the lognormal timestep distribution, c and the diffusion mask
+(REFERENCE.md [2]-[4]; paper eqs. 9-11)."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from slct.curriculum import (
+    C_SCHEDULES,
+    c_schedule,
+    diffusion_loss_mask,
+    num_scales,
+    sample_timestep_indices,
+    stage_length_steps,
+    timestep_probabilities,
+)
+
+CURRICULUM_N = [11, 21, 41, 81, 161, 321, 641]
+
+
+# --- eq. 10 ---------------------------------------------------------------------------------
+
+
+def test_stage_length():
+    assert stage_length_steps(700) == 100  # 700 / (log2 64 + 1) = 700 / 7
+    assert stage_length_steps(699) == 99
+    assert stage_length_steps(800, s1=1280) == 100  # 800 / (log2 128 + 1)
+    assert stage_length_steps(3) == 1  # eq. 10 gives 0 here: one step per stage instead
+
+
+def test_num_scales_at_stage_boundaries():
+    # K = 700 -> K' = 100: N doubles its intervals at k = 100, 200, ..., 600 and then stays
+    expected = {0: 11, 99: 11, 100: 21, 199: 21, 200: 41, 300: 81, 400: 161, 500: 321, 599: 321,
+                600: 641, 699: 641, 700: 641, 10**15: 641}
+    assert {k: num_scales(k, 700) for k in expected} == expected
+    assert [num_scales(100 * j, 700) for j in range(7)] == CURRICULUM_N
+
+
+def test_num_scales_ict_cifar_variant():
+    assert [num_scales(100 * j, 800, s1=1280) for j in range(9)] == CURRICULUM_N + [1281, 1281]
+
+
+def test_num_scales_short_run_walks_one_stage_per_step():
+    assert [num_scales(k, 3) for k in range(9)] == CURRICULUM_N + [641, 641]
+
+
+@pytest.mark.parametrize("kwargs", [dict(step=-1, total_steps=10), dict(step=0, total_steps=0),
+                                    dict(step=0, total_steps=10, s0=0), dict(step=0, total_steps=10, s0=10, s1=5),
+                                    dict(step=1.5, total_steps=10)])
+def test_num_scales_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        num_scales(**kwargs)
+
+
+# --- lognormal timestep distribution --------------------------------------------------------
+
+
+def _erf_probs(sigmas, p_mean=-1.1, p_std=2.0):
+    cdf = [math.erf((math.log(t) - p_mean) / (math.sqrt(2) * p_std)) for t in sigmas]
+    mass = [b - a for a, b in zip(cdf[:-1], cdf[1:])]
+    return [m / sum(mass) for m in mass]
+
+
+def test_timestep_probabilities_by_hand():
+    p = timestep_probabilities(3)
+    assert p.dtype == torch.float64 and p.shape == (2,)
+    # grid (0.002, 2.515219, 80): P(0) ∝ erf((ln 2.515219 + 1.1)/(2 sqrt2)) - erf((ln 0.002 + 1.1)/(2 sqrt2))
+    assert p.tolist() == pytest.approx([0.8458119, 0.1541881], abs=1e-6)
+    assert timestep_probabilities(2).tolist() == [1.0]
+    p = timestep_probabilities(641)
+    assert p.shape == (640,) and p.sum().item() == pytest.approx(1.0, abs=1e-12) and (p > 0).all()
+
+
+def test_index_frequencies_match_erf_probabilities():
+    n, draws = 11, 30000
+    grid = [(0.002 ** (1 / 7) + j / (n - 1) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 for j in range(n)]
+    probs = _erf_probs(grid)
+    g = torch.Generator().manual_seed(1234)
+    idx = sample_timestep_indices(n, draws, generator=g)
+    assert idx.dtype == torch.int64 and idx.shape == (draws,)
+    assert idx.min() >= 0 and idx.max() <= n - 2
+    counts = torch.bincount(idx, minlength=n - 1).tolist()
+    assert chisquare(counts, [p * draws for p in probs]).pvalue > 1e-3
+
+
+def test_index_sampling_is_driven_by_the_given_rng():
+    a = sample_timestep_indices(41, 64, generator=torch.Generator().manual_seed(7))
+    b = sample_timestep_indices(41, 64, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    torch.manual_seed(3)
+    c = sample_timestep_indices(41, 64)
+    torch.manual_seed(3)
+    assert torch.equal(c, sample_timestep_indices(41, 64, device="cpu"))
+    assert sample_timestep_indices(41, 0).shape == (0,)
+
+
+# --- c (eq. 11 and variants) ----------------------------------------------------------------
+
+
+def test_c_schedules_golden_values():
+    assert set(C_SCHEDULES) == {"fixed", "adaptive", "adaptive-code"}
+    for n in (11, 21, 641):  # iCT's c0 = 0.00054 sqrt(4096) = 0.00054 * 64
+        assert c_schedule("fixed", n, 4096) == pytest.approx(0.03456, rel=1e-12)
+    # paper eq. 11: exp(-1.18 ln 10 - 0.72), exp(-1.18 ln 20 - 0.72), exp(-1.18 ln 640 - 0.72)
+    assert c_schedule("adaptive", 11, 4096) == pytest.approx(0.0321594, rel=1e-5)
+    assert c_schedule("adaptive", 21, 4096) == pytest.approx(0.0141936, rel=1e-5)
+    assert c_schedule("adaptive", 641, 4096) == pytest.approx(0.000238, abs=5e-7)  # 3 significant figures
+    # authors' code: c0 in the first stage, then exp(-1.15 ln(N-1) - 0.85)
+    assert c_schedule("adaptive-code", 11, 4096) == pytest.approx(0.03456, rel=1e-12)
+    assert c_schedule("adaptive-code", 21, 4096) == pytest.approx(0.0136, abs=5e-5)
+    assert c_schedule("adaptive-code", 641, 4096) == pytest.approx(0.000253, abs=5e-7)
+
+
+def test_c0_override_and_bad_arguments():
+    assert c_schedule("fixed", 11, 4096, c0=0.1) == 0.1
+    assert c_schedule("adaptive-code", 11, 4096, c0=0.1) == 0.1
+    assert c_schedule("adaptive-code", 21, 4096, s0=20, c0=0.1) == 0.1  # first stage of s0 = 20
+    with pytest.raises(ValueError, match="adaptive"):
+        c_schedule("huber", 11, 4096)
+    for kwargs in (dict(n_scales=1, dim=4), dict(n_scales=11, dim=0), dict(n_scales=11, dim=4, c0=-1.0),
+                   dict(n_scales=11, dim=4, c0=float("nan"))):
+        with pytest.raises(ValueError):
+            c_schedule("fixed", **kwargs)
+
+
+# --- eq. 9 selection ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", CURRICULUM_N)
+def test_diffusion_mask_equals_authors_convention(n):
+    i = torch.arange(n - 1)  # every ascending lower index
+    k = n - 2 - i  # the same pairs indexed from sigma_max, as in the authors' code
+    assert torch.equal(diffusion_loss_mask(i, n, 0.25), k >= int(0.75 * n))
+
+
+def test_diffusion_mask_fraction():
+    i = torch.arange(640)
+    assert diffusion_loss_mask(i, 641, 0.25).sum() == 160  # floor(641 / 4)
+    assert diffusion_loss_mask(i[:10], 11, 0.6).tolist() == [True] * 6 + [False] * 4  # floor(6.6)
+    assert diffusion_loss_mask(i, 641, 1.0).all()
+    assert not diffusion_loss_mask(i, 641, 0.0).any()
+    assert diffusion_loss_mask(i.reshape(2, 320), 641, 0.25).shape == (2, 320)
+
+
+@pytest.mark.parametrize("r", [-0.1, 1.5, float("nan"), "0.25"])
+def test_diffusion_mask_bad_r(r):
+    with pytest.raises(ValueError, match="r must"):
+        diffusion_loss_mask(torch.arange(3), 11, r)
+
+
+def test_diffusion_mask_bad_indices():
+    with pytest.raises(ValueError, match="indices"):
+        diffusion_loss_mask(torch.zeros(3), 11, 0.25)
