@@ -1,0 +1,104 @@
+"""``slct analyze``: box-plot statistics, the temporal difference, the report files and the command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from slct.analyze import analyze, box_stats, channel_box_stats, format_table, temporal_differences
+from slct.data import encode_dataset
+from slct.data.sources import ArraySource
+
+
+def test_box_stats_hand_computed():
+    # sorted: -100 1 2 3 4 5 6 7 15 100; linear quantiles at positions 2.25, 4.5, 6.75
+    s = box_stats(np.array([5, 1, 100, 3, 2, 7, -100, 4, 15, 6], float))
+    assert (s["q1"], s["median"], s["q3"], s["iqr"]) == (2.25, 4.5, 6.75, 4.5)
+    assert (s["inner_fence_lo"], s["inner_fence_hi"]) == (2.25 - 6.75, 6.75 + 6.75)   # 1.5 IQR
+    assert (s["outer_fence_lo"], s["outer_fence_hi"]) == (2.25 - 13.5, 6.75 + 13.5)   # 3 IQR
+    assert s["beyond_inner"] == 0.3 and s["beyond_outer"] == 0.2   # {-100, 15, 100} and {-100, 100}
+    assert (s["whisker_lo"], s["whisker_hi"], s["min"], s["max"]) == (1, 7, -100, 100)
+    v = np.array([5, 1, 100, 3, 2, 7, -100, 4, 15, 6], float)
+    assert s["excess_kurtosis"] == pytest.approx(scipy.stats.kurtosis(v, fisher=True, bias=True), rel=1e-12)
+
+
+def test_gaussian_fence_fractions_match_theory():
+    x = np.random.default_rng(0).standard_normal(400_000)
+    s = box_stats(x)
+    z_q3 = scipy.stats.norm.ppf(0.75)
+    inner = 2 * scipy.stats.norm.sf(z_q3 + 1.5 * 2 * z_q3)  # 0.70% of a Gaussian lies beyond the inner fences
+    assert s["beyond_inner"] == pytest.approx(inner, abs=6e-4)
+    assert s["beyond_outer"] < 2e-5 and abs(s["excess_kurtosis"]) < 0.05
+
+
+def test_channel_box_stats_layout():
+    x = np.random.default_rng(0).standard_normal((5, 3, 2, 2))
+    x[:, 2] *= 10
+    stats = channel_box_stats(x)
+    assert len(stats["channels"]) == 3 and stats["all"]["count"] == 60
+    assert stats["channels"][2]["max"] == x[:, 2].max()
+
+
+class Identity(torch.nn.Module):
+    """f(x, t) = x: the TD then equals (t_{i+1} - t_i) z."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma, class_labels=None):
+        return x
+
+
+def test_temporal_difference_uses_adjacent_karras_levels():
+    from slct import karras_sigmas, sample_timestep_indices
+
+    x0 = torch.randn(6, 2, 3, 3)
+    td = temporal_differences(Identity(), x0, 11, torch.Generator().manual_seed(5), batch_size=4)
+    # replay the draws: per batch one index draw then one noise draw
+    g = torch.Generator().manual_seed(5)
+    sigmas = karras_sigmas(11)
+    expected = []
+    for size in (4, 2):
+        i = sample_timestep_indices(11, size, generator=g)
+        z = torch.randn(size, 2, 3, 3, generator=g)
+        expected.append((sigmas[i + 1] - sigmas[i]).float().view(-1, 1, 1, 1) * z)
+    torch.testing.assert_close(td, torch.cat(expected), rtol=1e-5, atol=1e-5)
+    assert math.isclose(float(sigmas[-1]), 80.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_latents(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(24, 8, 8, 3), dtype=np.uint8)
+    out = tmp_path_factory.mktemp("an") / "ds"
+    encode_dataset(ArraySource(images), out, {"name": "identity"}, 8, num_workers=0, progress=False)
+    return out
+
+
+def test_analyze_writes_figure_and_json_with_td(tiny_latents, tmp_path):
+    report = analyze(tiny_latents, tmp_path / "a", limit=16, network="unet-tiny", n_scales=21, td_samples=8)
+    assert (tmp_path / "a" / "analysis.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["panels"]) == {"latents data", "latents td"} and saved["samples"] == {"latents": 16}
+    assert saved["td"]["n_scales"] == 21 and saved["td"]["samples"] == 8
+    data = saved["panels"]["latents data"]["all"]
+    assert data["count"] == 16 * 3 * 64 and abs(data["mean"]) < 1e-9 and data["std"] == pytest.approx(1)
+    table = format_table(report)
+    assert "latents data" in table and "latents td" in table and ">outer" in table
+
+
+def test_analyze_command(tiny_latents, tmp_path, capsys):
+    from slct.cli import main
+
+    assert main(["analyze", str(tiny_latents), "--out", str(tmp_path / "o"), "--limit", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "latents data" in out and "standard deviations" in out and (tmp_path / "o" / "analysis.png").exists()
+    assert main(["analyze", str(tiny_latents), "--out", str(tmp_path / "p"), "--pixels"]) == 2  # array source
+    assert "not readable here" in capsys.readouterr().err
