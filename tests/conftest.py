@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# before torch loads OpenMP: spinning idle threads make CPU steps many times slower on 2-core VMs (see slct.cli._quiet_openmp)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLCT_SHARED", REPO.parent / "shared"))
 

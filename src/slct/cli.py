@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from slct import __version__
@@ -45,7 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_openmp() -> None:
+    """Make idle OpenMP threads sleep instead of spin, unless the user chose otherwise.
+
+    On small shared VMs (the 2-core machines slct is tested on) spinning threads made CPU training steps many
+    times slower (`benchmarks/openmp_wait.py`, results in `benchmarks/results/openmp-wait-cpu.md`); on a GPU run
+    the CPU threads are idle anyway. Must run before torch loads its OpenMP runtime, so the CLI does it first thing.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_openmp()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
@@ -58,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
         # user-facing errors: one clear line, no traceback (set SLCT_TRACEBACK=1 to see it)
-        import os
-
         if os.environ.get("SLCT_TRACEBACK"):
             raise
         print(f"slct {args.command}: error: {e}", file=sys.stderr)

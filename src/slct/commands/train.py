@@ -1,0 +1,134 @@
+"""`slct train`: train a model from a preset (method x data), a YAML file and overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "train a latent consistency model (or the ldm baseline); re-run the same command to resume"
+
+
+def add_config_arguments(p: argparse.ArgumentParser, default_preset: str | None = "slct") -> None:
+    """The config flags shared by `slct train` and `slct demo`."""
+    p.add_argument("--preset", default=default_preset, help="method preset (see --list-presets)")
+    p.add_argument("--data-preset", default=None, help="dataset preset: celebahq256, ffhq256, lsunchurch256, "
+                   "utkface64, digits")
+    p.add_argument("--config", default=None, help="a YAML file of config values (applied after the presets)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set objective.loss=cauchy (repeatable; strict)")
+    p.add_argument("--data", default=None, help="latent dataset directory (from `slct encode`) or builtin:digits")
+    p.add_argument("--network", default=None, help="network preset, e.g. unet-paper, unet-small, dit-b2")
+    p.add_argument("--steps", type=int, default=None, help="total training steps K (sets the curriculum length)")
+    p.add_argument("--batch", type=int, default=None, help="global batch size")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+
+
+def flag_overrides(args) -> dict:
+    out: dict = {}
+    if args.data is not None:
+        out.setdefault("data", {})["path"] = args.data
+    if args.network is not None:
+        out.setdefault("network", {})["name"] = args.network
+    for flag, key in (("steps", "total_steps"), ("batch", "batch_size"), ("seed", "seed"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            out.setdefault("train", {})[key] = getattr(args, flag)
+    return out
+
+
+def resolve(args):
+    from slct.config import load_config
+
+    return load_config(args.preset, args.data_preset, args.config, args.sets, flag_overrides(args))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>-<data-preset>)")
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out, if any) | none | PATH")
+    p.add_argument("--until-step", type=int, default=None, help="stop (with a checkpoint) at this step: train in slices")
+    p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived quantities, then exit")
+    p.add_argument("--list-presets", action="store_true", help="list method and data presets, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    if args.list_presets:
+        print_presets()
+        return 0
+    cfg = resolve(args)
+    if args.dry_run:
+        print(dry_run_report(cfg))
+        return 0
+    from slct.training import train
+
+    out = args.out or f"runs/{cfg.preset.replace(' x ', '-') or 'run'}"
+    result = train(cfg, out, resume=args.resume, until_step=args.until_step, max_minutes=args.minutes,
+                   progress=not args.no_progress)
+    return 0 if result.finished or result.stopped_by in ("until_step", "minutes") else 130
+
+
+def print_presets() -> None:
+    from slct.config import list_presets, preset_description
+
+    for kind, flag in (("method", "--preset"), ("data", "--data-preset")):
+        print(f"{kind} presets ({flag}):")
+        for name in list_presets(kind):
+            print(f"  {name:22s} {preset_description(kind, name)}")
+
+
+def dry_run_report(cfg) -> str:
+    """The resolved config as YAML plus what follows from it (curriculum stages, c per stage, model size)."""
+    import yaml
+
+    from slct.curriculum import c_schedule, num_scales, stage_length_steps
+
+    obj, tr = cfg.objective, cfg.train
+    lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "", "# derived"]
+    lines.append(f"total steps K: {tr.total_steps:,}; images seen: {tr.total_steps * tr.batch_size:,}")
+    shape, source, size = _latent_shape(cfg)
+    if size:
+        lines.append(f"images per epoch: {size:,} (data: {cfg.data.path}); epochs: "
+                     f"{tr.total_steps * tr.batch_size / size:,.1f}")
+    dim = 1
+    for s in shape:
+        dim *= s
+    if obj.kind == "consistency":
+        k_prime = stage_length_steps(tr.total_steps, obj.s0, obj.s1)
+        lines.append(f"stage length K': {k_prime:,} steps (paper eq. 10, s0={obj.s0}, s1={obj.s1})")
+        lines.append(f"{'from step':>10} {'N':>6} {'c (' + obj.c_schedule + ')':>22}")
+        seen = []
+        for step in range(0, tr.total_steps + 1, max(k_prime, 1)):
+            n = num_scales(step, tr.total_steps, obj.s0, obj.s1)
+            if n in seen:
+                continue
+            seen.append(n)
+            c = c_schedule(obj.c_schedule, n, dim, obj.s0, c0=obj.c0)
+            lines.append(f"{step:>10,} {n:>6} {c:>22.6g}")
+    try:
+        from slct.model import build_model, count_parameters
+
+        model = build_model(cfg, shape, 0)
+        lines.append(f"network: {cfg.network.name}, {count_parameters(model):,} trainable parameters at latent shape "
+                     f"{tuple(shape)} ({source})")
+    except (ValueError, ImportError) as e:
+        lines.append(f"network: could not be built: {e}")
+    return "\n".join(lines)
+
+
+def _latent_shape(cfg):
+    """(latent shape, where it came from, dataset size or None)."""
+    if cfg.data.path:
+        try:
+            from slct.training import open_dataset
+
+            ds = open_dataset(cfg)
+            return tuple(ds.latent_shape), "from the data", len(ds)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"note: data not readable ({e}); using the network preset's default shape", file=sys.stderr)
+    from slct.nn import NETWORK_PRESETS
+
+    _, defaults = NETWORK_PRESETS[cfg.network.name]
+    shape = (defaults.get("in_channels", 4), defaults.get("resolution", 32), defaults.get("resolution", 32))
+    return shape, "the network preset's default; pass --data for the real one", None

@@ -1,0 +1,327 @@
+"""Typed training configuration, named presets and strict overrides.
+
+A run's configuration is a tree of dataclasses. It is resolved in a fixed order, later layers winning:
+
+    defaults <- --data-preset <- --preset (method) <- --config FILE <- --set key=value <- everyday flags
+
+Presets are YAML files shipped in ``slct/presets/{method,data}/``; a preset may ``extends:`` another of its kind, so
+each ablation row states only how it differs from its parent. Every override is strict: an unknown key or a value of
+the wrong type is a ValueError that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import re
+
+import yaml
+
+from slct.objectives import ObjectiveConfig
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 and 2E+3 as floats (YAML 1.2), as researchers write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*$|^[-+]?\.\d+$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # latent dataset directory (from `slct encode`) or "builtin:digits"
+    normalization: str = "per-element"  # REFERENCE [7]: per-element | per-channel | scale | none
+    scale: float | None = None  # the factor for normalization "scale" (e.g. 0.18215)
+    hflip: bool = False  # random latent flips: only valid for pixel/identity codecs
+    conditional: bool = False  # train class-conditional on the dataset's labels (the paper's models are unconditional)
+
+
+@dataclass
+class NetworkConfig:
+    name: str = "unet-paper"  # a preset of slct.nn.NETWORK_PRESETS
+    block_norm: str | None = None  # None: the preset's own (GroupNorm for UNets)
+    out_norm: str | None = None
+    dropout: float | None = None
+    label_dropout: float | None = None
+    # further build_network overrides (model_channels, channel_mult, ...); build_network checks the keys strictly
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    # REFERENCE [8]: RAdam, lr 1e-4, weight decay 1e-4, no schedule, no clipping
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up (not in the authors' code: 0 keeps it off)
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (authors)
+    accumulate: int = 1  # gradient-accumulation rounds per step (same global batch, less memory)
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 295_313  # K; CelebA-HQ: 1400 epochs x 27,000 latents / batch 128
+    batch_size: int = 128  # global batch, over all processes and accumulation rounds
+    seed: int = 0
+    ema_decays: list = field(default_factory=lambda: [0.9999, 0.99993])  # REFERENCE [8]; reported: 0.99993
+    precision: str = "fp32"  # fp32 (authors) | bf16 (autocast; norms and loss stay fp32)
+    channels_last: bool = False
+    compile: bool = False
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; set by the train command, not at import
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ot_scope: str = "local"  # local: OT per process on its own minibatch (authors) | global: on the global batch
+    max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
+    rollback_lr_factor: float = 0.5  # the LR is multiplied by this at each rollback
+
+
+@dataclass
+class SamplingConfig:
+    sigma_mid: float = 0.36931547703985584  # REFERENCE [9]: index 440 of the 641-point grid from sigma_max (LSUN: 0.5285640)
+    ldm_solver: str = "heun"  # the ldm baseline's EDM sampler: heun | euler
+    ldm_steps: int = 18  # EDM grid points; Heun uses 2 * steps - 1 network evaluations
+
+
+@dataclass
+class LoggingConfig:
+    log_every_steps: int = 50  # metrics.jsonl and the progress bar's loss terms
+    sample_every_steps: int = 5000  # 1- and 2-step sample grids from the EMA model; 0 = only at the end
+    grid_size: int = 64  # images per sample grid (fixed seeds 0..grid_size-1)
+    tensorboard: bool = False  # needs the "tensorboard" extra
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 5000  # training-state checkpoints (for resuming)
+    keep: int = 3  # newest checkpoints kept on disk
+    snapshot_every_steps: int = 25_000  # EMA snapshots (for sampling and evaluation); the final one is always written
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preset: str = ""  # provenance: the presets this config was built from (informational)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        self.objective.validate()
+        _check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
+        _check_choice("train.ot_scope", self.train.ot_scope, ("local", "global"))
+        _check_choice("data.normalization", self.data.normalization, ("per-element", "per-channel", "scale", "none"))
+        _check_choice("sampling.ldm_solver", self.sampling.ldm_solver, ("heun", "euler"))
+        positive = {
+            "train.total_steps": self.train.total_steps, "train.batch_size": self.train.batch_size,
+            "optim.accumulate": self.optim.accumulate, "logging.log_every_steps": self.logging.log_every_steps,
+            "checkpoint.every_steps": self.checkpoint.every_steps, "checkpoint.keep": self.checkpoint.keep,
+            "sampling.ldm_steps": self.sampling.ldm_steps, "train.max_bad_steps": self.train.max_bad_steps,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.train.batch_size % self.optim.accumulate:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by optim.accumulate "
+                             f"({self.optim.accumulate})")
+        if not 0 < self.sampling.sigma_mid < self.objective.sigma_max:
+            raise ValueError(f"sampling.sigma_mid must lie in (0, sigma_max), got {self.sampling.sigma_mid}")
+        for d in self.train.ema_decays:
+            if not 0.0 <= float(d) < 1.0:
+                raise ValueError(f"train.ema_decays entries must be in [0, 1), got {d}")
+        if self.data.normalization == "scale" and self.data.scale is None:
+            raise ValueError("data.normalization 'scale' needs data.scale (e.g. 0.18215)")
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Strict merging of plain dicts into the dataclass tree
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` checked against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Merge a nested dict into a dataclass tree in place, strictly (unknown keys and wrong types are errors)."""
+    if not isinstance(updates, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config key {full!r}; {prefix.rstrip('.') or 'top level'} allows: "
+                             f"{', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            merge(current, value, prefix=f"{full}.")
+        elif hints[key] is dict and isinstance(value, dict) and isinstance(current, dict):
+            setattr(obj, key, {**current, **value})  # option dicts merge key by key across layers
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_set(expr: str) -> dict:
+    """``"objective.loss=cauchy"`` -> ``{"objective": {"loss": "cauchy"}}``; the value is read as YAML."""
+    if "=" not in expr:
+        raise ValueError(f"--set expects key.sub=value, got {expr!r}")
+    key, raw = expr.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"--set: bad key {key!r}")
+    value = read_yaml(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+
+
+PRESET_KINDS = ("method", "data")
+
+
+def _preset_dir(kind: str):
+    return resources.files("slct") / "presets" / kind
+
+
+def list_presets(kind: str) -> list[str]:
+    """Names of the shipped presets of one kind ("method" or "data")."""
+    return sorted(p.name[:-5] for p in _preset_dir(kind).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(kind: str, name: str, _seen: tuple = ()) -> dict:
+    """A preset as a nested dict, with its ``extends:`` chain applied (parents first)."""
+    if kind not in PRESET_KINDS:
+        raise ValueError(f"preset kind must be one of {PRESET_KINDS}, got {kind!r}")
+    path = _preset_dir(kind) / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown {kind} preset {name!r}; available: {', '.join(list_presets(kind))}")
+    if name in _seen:
+        raise ValueError(f"{kind} preset {name!r} extends itself (cycle: {' -> '.join((*_seen, name))})")
+    body = read_yaml(path.read_text()) or {}
+    body.pop("description", None)
+    parent = body.pop("extends", None)
+    base = load_preset(kind, parent, (*_seen, name)) if parent else {}
+    return _deep_merge(base, body)
+
+
+def preset_description(kind: str, name: str) -> str:
+    body = read_yaml((_preset_dir(kind) / f"{name}.yaml").read_text()) or {}
+    return str(body.get("description", "")).strip()
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    preset: str | None = "slct",
+    data_preset: str | None = None,
+    config_file: str | Path | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    overrides: dict | None = None,
+) -> Config:
+    """Resolve a config: defaults <- data preset <- method preset <- YAML file <- --set <- ``overrides``."""
+    cfg = Config()
+    layers: list[tuple[str, dict]] = []
+    if data_preset:
+        layers.append((f"data preset {data_preset!r}", load_preset("data", data_preset)))
+    if preset:
+        layers.append((f"method preset {preset!r}", load_preset("method", preset)))
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: no such file {path}")
+        layers.append((str(path), read_yaml(path.read_text()) or {}))
+    layers.extend((f"--set {s}", parse_set(s)) for s in sets)
+    if overrides:
+        layers.append(("command-line flags", overrides))
+    for source, layer in layers:
+        try:
+            merge(cfg, layer)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    cfg.preset = " x ".join(p for p in (preset, data_preset) if p)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (checkpoints, snapshots, config.yaml)."""
+    cfg = Config()
+    merge(cfg, d)
+    return cfg

@@ -1,0 +1,212 @@
+"""Samplers and snapshots.
+
+- Consistency sampling (REFERENCE [9]): 1 step x = f(sigma_max z, sigma_max); each further step re-noises to the next
+  sigma (x + sqrt(sigma^2 - sigma_min^2) z') and applies f again.
+- EDM's deterministic Heun / Euler solver for the ``ldm`` diffusion baseline.
+- Per-sample seeds: sample i's noise comes from its own generator seeded with ``seeds[i]``, so a sample is the same
+  whatever the batch size or the number of processes.
+- A snapshot file holds the EMA weights, the resolved config and the codec/normalisation metadata: everything needed to
+  generate and decode, without the dataset or the training state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slct import __version__
+from slct.sigmas import karras_sigmas
+
+SNAPSHOT_FORMAT = "slct-snapshot-v1"
+
+
+def noise_for_seeds(seeds, shape: tuple[int, ...], count: int = 1, device=None) -> list[torch.Tensor]:
+    """``count`` unit-Gaussian tensors of shape (len(seeds), *shape); row i depends on seeds[i] alone."""
+    out = [torch.empty((len(seeds), *shape)) for _ in range(count)]
+    for i, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        for k in range(count):
+            out[k][i] = torch.randn(shape, generator=g)
+    return [t.to(device) for t in out]
+
+
+def consistency_sigmas(nfe: int, sigma_max: float = 80.0, sigma_mid: float = 0.36931547703985584,
+                       sigma_min: float = 0.002, grid_points: int = 641, rho: float = 7.0) -> list[float]:
+    """Noise levels for k-step consistency sampling: [sigma_max] for 1 step, [sigma_max, sigma_mid] for 2 (REFERENCE
+    [9]); for k > 2, k levels spaced evenly in grid index between sigma_max and sigma_mid on the 641-point grid."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if nfe == 1:
+        return [float(sigma_max)]
+    if nfe == 2:
+        return [float(sigma_max), float(sigma_mid)]
+    grid = karras_sigmas(grid_points, sigma_min, sigma_max, rho).double().flip(0)  # descending
+    mid_index = int(torch.argmin((grid - sigma_mid).abs()))
+    picks = torch.linspace(0, mid_index, nfe).round().long()
+    return [float(grid[i]) for i in picks]
+
+
+@torch.no_grad()
+def consistency_sample(model, noises: list[torch.Tensor], sigmas: list[float], sigma_min: float = 0.002,
+                       class_labels=None) -> torch.Tensor:
+    """Multistep consistency sampling; ``noises`` holds one tensor per step (the first is the initial noise)."""
+    if len(noises) < len(sigmas):
+        raise ValueError(f"need one noise tensor per step: {len(noises)} for {len(sigmas)} steps")
+    x = noises[0] * sigmas[0]
+    x = model(x, torch.full((x.shape[0],), sigmas[0], device=x.device), class_labels)
+    for sigma, z in zip(sigmas[1:], noises[1:]):
+        x = x + math.sqrt(max(sigma**2 - sigma_min**2, 0.0)) * z
+        x = model(x, torch.full((x.shape[0],), sigma, device=x.device), class_labels)
+    return x
+
+
+@torch.no_grad()
+def edm_sample(model, noise: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+               rho: float = 7.0, solver: str = "heun", class_labels=None) -> torch.Tensor:
+    """EDM's deterministic sampler (Karras et al. 2022, Alg. 1) on the VE process; ``model`` is the denoiser D(x, s).
+
+    Heun uses 2 * num_steps - 1 network evaluations, Euler num_steps.
+    """
+    if solver not in ("heun", "euler"):
+        raise ValueError(f"solver must be 'heun' or 'euler', got {solver!r}")
+    t = karras_sigmas(num_steps, sigma_min, sigma_max, rho).double().flip(0).tolist() + [0.0]
+    x = noise.double() * t[0]
+    b = x.shape[0]
+
+    def denoise(x, s):
+        return model(x.float(), torch.full((b,), s, device=x.device), class_labels).double()
+
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        d = (x - denoise(x, t_cur)) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        if solver == "heun" and t_next > 0:
+            d_next = (x_next - denoise(x_next, t_next)) / t_next
+            x_next = x + (t_next - t_cur) * 0.5 * (d + d_next)
+        x = x_next
+    return x.float()
+
+
+def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, objective_cfg, sampling_cfg,
+                   class_labels=None, device=None) -> torch.Tensor:
+    """Normalised latents for ``seeds`` with ``nfe`` steps of the sampler that fits the objective's kind."""
+    device = device or next(model.parameters()).device
+    if objective_cfg.kind == "edm":
+        (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
+        steps = nfe if sampling_cfg.ldm_solver == "euler" else (nfe + 1) // 2
+        return edm_sample(model, z, steps, objective_cfg.sigma_min, objective_cfg.sigma_max, objective_cfg.rho,
+                          sampling_cfg.ldm_solver, class_labels)
+    sigmas = consistency_sigmas(nfe, objective_cfg.sigma_max, sampling_cfg.sigma_mid, objective_cfg.sigma_min,
+                                rho=objective_cfg.rho)
+    noises = noise_for_seeds(seeds, latent_shape, len(sigmas), device)
+    return consistency_sample(model, noises, sigmas, objective_cfg.sigma_min, class_labels)
+
+
+def default_nfe(objective_cfg, sampling_cfg) -> list[int]:
+    """The step counts worth reporting: 1 and 2 for consistency models, the solver's NFE for ldm."""
+    if objective_cfg.kind == "edm":
+        return [2 * sampling_cfg.ldm_steps - 1 if sampling_cfg.ldm_solver == "heun" else sampling_cfg.ldm_steps]
+    return [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Snapshots
+
+
+def snapshot_payload(cfg, model_state_by_decay: dict, network_kwargs: dict, codec_spec: dict, normalizer: dict,
+                     latent_shape, num_classes: int, step: int, nimg: int) -> dict:
+    return {
+        "format": SNAPSHOT_FORMAT, "slct_version": __version__, "config": cfg.to_dict(),
+        "network_kwargs": network_kwargs, "ema": {str(k): v for k, v in model_state_by_decay.items()},
+        "codec": codec_spec, "normalizer": normalizer, "latent_shape": list(latent_shape),
+        "num_classes": num_classes, "step": step, "nimg": nimg,
+    }
+
+
+def find_snapshot(path: str | Path) -> Path:
+    """A snapshot file, or the newest ``snapshot-*.pt`` in a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("snapshot-*.pt"))
+        if not found:
+            raise FileNotFoundError(f"no snapshot-*.pt in {path} (snapshots are written by `slct train`)")
+        return found[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"no snapshot at {path}")
+    return path
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    model: torch.nn.Module
+    config: object
+    codec_spec: dict
+    normalizer: object
+    latent_shape: tuple
+    num_classes: int
+    step: int
+    ema_decay: float
+    device: torch.device
+    _codec: object = None
+
+    @property
+    def codec(self):
+        if self._codec is None:
+            from slct.codecs import get_codec
+
+            self._codec = get_codec(**self.codec_spec).to(self.device)
+        return self._codec
+
+    def sample_latents(self, seeds, nfe: int, class_labels=None) -> torch.Tensor:
+        return sample_latents(self.model, list(seeds), self.latent_shape, nfe, self.config.objective,
+                              self.config.sampling, class_labels, self.device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> images in [-1, 1] through the run's normalisation and codec."""
+        return self.codec.decode(self.normalizer.denormalize(latents))
+
+    def generate(self, seeds, nfe: int, class_labels=None) -> torch.Tensor:
+        return self.decode(self.sample_latents(seeds, nfe, class_labels))
+
+    def info(self) -> dict:
+        return {"path": str(self.path), "sha256": file_sha256(self.path), "step": self.step,
+                "ema_decay": self.ema_decay, "codec": self.codec_spec, "latent_shape": list(self.latent_shape),
+                "config": self.config.to_dict()}
+
+
+def load_snapshot(path: str | Path, device="cpu", ema: float | None = None) -> Snapshot:
+    """Load a snapshot (or a run directory's newest); ``ema`` picks the EMA decay (default: the largest)."""
+    from slct.config import config_from_dict
+    from slct.data import Normalizer
+    from slct.nn import build_network
+    from slct.precond import Precond, PrecondModel
+
+    path = find_snapshot(path)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"{path} is not an slct snapshot (a training checkpoint? use the snapshot-*.pt files)")
+    cfg = config_from_dict(payload["config"])
+    decays = sorted(float(k) for k in payload["ema"])
+    decay = decays[-1] if ema is None else float(ema)
+    if str(decay) not in payload["ema"]:
+        raise ValueError(f"{path} has EMA decays {decays}; --ema {ema} is not among them")
+    net = build_network(cfg.network.name, **payload["network_kwargs"])
+    obj = cfg.objective
+    model = PrecondModel(net, Precond(sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind))
+    model.load_state_dict(payload["ema"][str(decay)])
+    device = torch.device(device)
+    model.to(device).eval()
+    return Snapshot(path, model, cfg, payload["codec"], Normalizer.from_dict(payload["normalizer"]).to(device),
+                    tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["step"]), decay, device)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

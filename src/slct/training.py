@@ -1,0 +1,511 @@
+"""The training loop: one function wiring data pipeline, objective, optimiser, EMAs, checkpoints and logging.
+
+Resuming is re-running the same command: the loop restores the newest checkpoint of the run directory and continues.
+Since every step's randomness is a pure function of (seed, step) (see ``slct.pipeline``), a run stopped at any point
+(kill -9 included) and resumed produces bitwise the same weights as an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from slct import __version__, checkpoint, distributed
+from slct.config import Config
+from slct.ema import EMA
+from slct.model import build_model, count_parameters, network_kwargs
+from slct.objectives import build_objective
+from slct.pipeline import BatchPipeline, step_seed
+
+# config sections a resumed run may change: they do not alter the training trajectory
+RESUMABLE_CHANGES = ("logging.", "checkpoint.", "train.device", "train.compile", "train.tf32", "data.path", "preset")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    nimg: int = 0
+    lr_scale: float = 1.0  # lowered at each rollback after repeated non-finite steps
+    bad_steps: int = 0  # non-finite steps skipped in total
+    rollbacks: int = 0
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: TrainState
+    finished: bool  # reached total_steps
+    stopped_by: str  # "done" | "until_step" | "minutes" | "signal"
+    files: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def open_dataset(cfg: Config):
+    from slct.data import LatentDataset
+
+    if not cfg.data.path:
+        raise ValueError("no training data: pass --data DIR (a latent dataset from `slct encode`) or --data-preset")
+    if not cfg.data.path.startswith("builtin:") and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"data path {cfg.data.path} does not exist (create it with `slct encode`)")
+    if cfg.data.hflip and cfg.data.path and not cfg.data.path.startswith("builtin:"):
+        codec = LatentDataset(cfg.data.path, normalization="none").codec_spec.get("name")
+        if codec != "identity":
+            raise ValueError(f"data.hflip flips latents, which is only valid in pixel space (identity codec); this "
+                             f"dataset's codec is {codec!r}: store flipped copies with `slct encode --hflip-copies`")
+    return LatentDataset(cfg.data.path, normalization=cfg.data.normalization, sigma_data=cfg.objective.sigma_data,
+                         scale=cfg.data.scale, hflip=False)  # flips are drawn by the pipeline (deterministic)
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        full = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "options":
+            out += config_differences(a, b, f"{full}.")
+        elif a != b and not any(full.startswith(p) for p in RESUMABLE_CHANGES):
+            out.append(f"{full}: {a!r} -> {b!r}")
+    return out
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the step and returns."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading_main():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(grads)
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: int | None = None,
+          max_minutes: float | None = None, progress: bool = True, loss_hook=None) -> TrainResult:
+    """Train ``cfg`` in ``run_dir``; stop at ``until_step`` / after ``max_minutes`` (with a checkpoint) to train in slices.
+
+    ``loss_hook(step, loss) -> loss`` may replace the loss tensor (fault-injection tests, custom regularisers).
+    """
+    cfg.validate()
+    t_start = time.time()
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    dist = distributed.init(device)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    run_dir = Path(run_dir)
+    _prepare_run_dir(run_dir, dist.is_main)
+
+    dataset = open_dataset(cfg)
+    latent_shape = tuple(dataset.latent_shape)
+    num_classes = int(dataset.num_classes) if cfg.data.conditional else 0
+    if cfg.data.conditional and num_classes == 0:
+        raise ValueError(f"data.conditional is set but the dataset {cfg.data.path} has no labels")
+    net_kwargs = network_kwargs(cfg, latent_shape, num_classes)
+    torch.manual_seed(step_seed(cfg.train.seed, 0, stream=1))  # the initial weights: same seed on every rank
+    model = build_model(cfg, latent_shape, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.RAdam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    ema = EMA(model, cfg.train.ema_decays)
+    objective = build_objective(cfg.objective, cfg.train.total_steps)
+    state = TrainState()
+    meta = {"codec": dataset.codec_spec, "normalizer": dataset.normalizer.to_dict(), "latent_shape": list(latent_shape),
+            "num_classes": num_classes, "network_kwargs": net_kwargs}
+
+    ckpt_path = _resume_path(run_dir, resume)
+    if ckpt_path is not None:
+        _load_checkpoint(ckpt_path, cfg, meta, model, optimizer, ema, state)
+    elif dist.world_size > 1:  # identical initial weights everywhere
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
+        ema = EMA(model, cfg.train.ema_decays)
+
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (run_dir / "run.json").write_text(json.dumps({
+            "slct_version": __version__, "parameters": count_parameters(model), "data_size": len(dataset),
+            "world_size": dist.world_size, "device": str(device), **meta}, indent=2, default=str))
+    if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
+        _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist)
+
+    train_model = model
+    if cfg.train.compile:
+        train_model = torch.compile(model)
+    if dist.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    total = cfg.train.total_steps
+    stop_step = min(total, until_step) if until_step is not None else total
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+    logger = _Logger(run_dir, cfg, dist.is_main, progress, start=state.step, total=total)
+    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device)
+    consecutive_bad, stopped_by = 0, "done"
+    slice_start = time.time()
+    try:
+        with _StopSignals() as signals:
+            while state.step < stop_step:
+                batch = next(pipeline)
+                lr = cfg.optim.lr * state.lr_scale * min(1.0, (state.step + 1) / max(cfg.optim.warmup_steps, 1))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                micro = batch.split(cfg.optim.accumulate)
+                for j, mb in enumerate(micro):
+                    sync = j == len(micro) - 1 or dist.world_size == 1
+                    with (contextlib.nullcontext() if sync else train_model.no_sync()):
+                        with autocast:
+                            terms = objective(train_model, mb.x0, state.step, labels=mb.labels, noise=mb.noise,
+                                              indices=mb.indices, dropout_seed=mb.dropout_seed)
+                        loss = terms.total.mean()
+                        if loss_hook is not None:
+                            loss = loss_hook(state.step, loss)
+                        (loss / len(micro)).backward()
+                    logger.accumulate(terms, loss, batch.ot_seconds / len(micro))
+                finite = bool((torch.isfinite(loss.detach()) & _grads_finite(params)).item())
+                in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
+                # one all-reduce agrees on all three, so every rank takes the same branch below
+                ok, go_on, in_time = distributed.all_true([finite, signals.received is None, in_time], device)
+                if ok:
+                    if cfg.optim.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+                    optimizer.step()
+                    ema.update(model)
+                    consecutive_bad = 0
+                else:  # skipped on every rank alike (the flag was all-reduced)
+                    optimizer.zero_grad(set_to_none=True)
+                    state.bad_steps += 1
+                    consecutive_bad += 1
+                state.step += 1
+                state.nimg += cfg.train.batch_size
+                logger.step(state, lr, ok)
+                if not ok and consecutive_bad >= cfg.train.max_bad_steps:
+                    pipeline.close()
+                    _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger)
+                    consecutive_bad = 0
+                    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device)
+                    continue
+                out_of_time = not in_time
+                stopping = (not go_on) or out_of_time or state.step >= stop_step
+                if stopping or state.step % cfg.checkpoint.every_steps == 0:
+                    _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist)
+                if dist.is_main and (state.step % cfg.checkpoint.snapshot_every_steps == 0 or state.step == total):
+                    _save_snapshot(run_dir, cfg, meta, ema, state)
+                every = cfg.logging.sample_every_steps
+                if dist.is_main and ((every and state.step % every == 0) or state.step == total):
+                    logger.sample_grids(model, ema, state.step, latent_shape, dataset)
+                if not go_on:
+                    stopped_by = "signal"
+                    break
+                if out_of_time:
+                    stopped_by = "minutes"
+                    break
+    finally:
+        pipeline.close()
+        logger.close()
+    if stopped_by == "done" and state.step < total:
+        stopped_by = "until_step"
+    files = {}
+    if dist.is_main:
+        files = logger.finish(state.step >= total)
+    distributed.barrier()
+    if dist.is_main and progress:
+        verb = "finished" if state.step >= total else f"stopped ({stopped_by}) at step {state.step}/{total}"
+        print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
+              + ("" if state.step >= total else "\nre-run the same command to resume"))
+    return TrainResult(run_dir, state, state.step >= total, stopped_by, files)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run directory, checkpoints, snapshots
+
+
+def _prepare_run_dir(run_dir: Path, is_main: bool) -> None:
+    if is_main:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"cannot create the run directory {run_dir}: {e}") from e
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(f"the run directory {run_dir} is not writable")
+    distributed.barrier()
+
+
+def _resume_path(run_dir: Path, resume: str) -> Path | None:
+    if resume == "none":
+        if checkpoint.list_checkpoints(run_dir):
+            raise FileExistsError(f"{run_dir} already holds checkpoints; use --resume auto to continue that run, or "
+                                  "another --out for a new one (nothing was overwritten)")
+        return None
+    if resume == "auto":
+        return checkpoint.latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
+    return path
+
+
+def _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist) -> None:
+    payload = {
+        "format": "slct-checkpoint-v1", "slct_version": __version__, "config": cfg.to_dict(), **meta,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+        "state": state.to_dict(), "rng": distributed.gather_objects(_rng_state()),
+    }
+    if dist.is_main:
+        checkpoint.save_atomic(payload, checkpoint.checkpoint_path(run_dir, state.step))
+        checkpoint.prune(run_dir, cfg.checkpoint.keep)
+    distributed.barrier()
+
+
+def _load_checkpoint(path, cfg, meta, model, optimizer, ema, state) -> None:
+    ckpt = checkpoint.load(path)
+    if ckpt.get("format") != "slct-checkpoint-v1":
+        raise ValueError(f"{path} is not an slct training checkpoint")
+    diffs = config_differences(ckpt["config"], cfg.to_dict())
+    if diffs:
+        raise ValueError(f"{path} was written by a run with another config ({'; '.join(diffs)}); re-run with the "
+                         "same settings to resume, or use another --out for a new run")
+    for key, what in (("codec", "codec"), ("normalizer", "normalisation"), ("latent_shape", "latent shape")):
+        if ckpt[key] != meta[key]:
+            raise ValueError(f"the data's {what} differs from the checkpoint's ({path}): {ckpt[key]} vs {meta[key]}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    ema.load_state_dict(ckpt["ema"])
+    for k, v in ckpt["state"].items():
+        setattr(state, k, v)
+    rngs = ckpt["rng"]
+    rank = torch.distributed.get_rank() if distributed.is_active() else 0
+    if rank < len(rngs):
+        _set_rng_state(rngs[rank])
+
+
+def _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger) -> None:
+    path = checkpoint.latest_checkpoint(run_dir)
+    bad, rollbacks, lr_scale = state.bad_steps, state.rollbacks, state.lr_scale
+    _load_checkpoint(path, cfg, meta, model, optimizer, ema, state)
+    state.bad_steps, state.rollbacks = bad, rollbacks + 1
+    state.lr_scale = lr_scale * cfg.train.rollback_lr_factor
+    logger.event(f"{cfg.train.max_bad_steps} consecutive non-finite steps: restored {path.name} (step {state.step}) "
+                 f"and lowered the learning rate to {state.lr_scale:g} x optim.lr")
+
+
+def _save_snapshot(run_dir, cfg, meta, ema, state) -> Path:
+    from slct.sampling import snapshot_payload
+
+    weights = {d: ema.weights(d) for d in ema.decays}
+    payload = snapshot_payload(cfg, weights, meta["network_kwargs"], meta["codec"], meta["normalizer"],
+                               meta["latent_shape"], meta["num_classes"], state.step, state.nimg)
+    return checkpoint.save_atomic(payload, Path(run_dir) / f"snapshot-{state.step:08d}.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# logging
+
+
+class _Logger:
+    """Progress bar, metrics.jsonl, optional TensorBoard, sample grids and the final plot (rank 0 only writes)."""
+
+    KEYS = ("loss", "consistency", "diffusion")
+
+    def __init__(self, run_dir: Path, cfg: Config, active: bool, progress: bool, start: int, total: int):
+        self.run_dir, self.cfg, self.active = run_dir, cfg, active
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.ot_seconds = 0.0
+        self.t_last = time.time()
+        self.n_last = 0
+        self.stats: dict = {}
+        self.bar = None
+        self.tb = None
+        if not active:
+            return
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")
+        if cfg.logging.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError('logging.tensorboard needs the tensorboard extra: pip install "slct[tensorboard]"') from e
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def accumulate(self, terms, loss, ot_seconds: float) -> None:
+        # kept as tensors: no device sync until the log step
+        for key, value in (("loss", loss.detach()), ("consistency", terms.consistency.detach().mean()),
+                           ("diffusion", terms.diffusion.detach().mean())):
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.stats = terms.stats
+        self.ot_seconds += ot_seconds
+        self.count += 1
+
+    def step(self, state: TrainState, lr: float, ok: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        every = self.cfg.logging.log_every_steps
+        if state.step % every and state.step != self.cfg.train.total_steps:
+            return
+        means = distributed.all_mean(torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float32)
+                                                  for k in self.KEYS]).cpu() / max(self.count, 1))
+        now = time.time()
+        n_images = (state.nimg - self.n_last) if self.n_last else self.count * self.cfg.train.batch_size
+        seconds = max(now - self.t_last, 1e-9)
+        record = {"step": state.step, "nimg": state.nimg, **{k: float(v) for k, v in zip(self.KEYS, means)},
+                  **{k: float(v) for k, v in self.stats.items()}, "lr": lr,
+                  "images_per_s": n_images / seconds, "sec_per_step": seconds / max(self.count, 1),
+                  "ot_share": self.ot_seconds / seconds, "bad_steps": state.bad_steps, "time": now}
+        state.wall_seconds += seconds
+        self.sums, self.count, self.ot_seconds, self.t_last, self.n_last = {}, 0, 0.0, now, state.nimg
+        if not self.active:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", N=int(record.get("n_scales", 0)),
+                                 c=f"{record.get('c', 0):.3g}", img_s=f"{record['images_per_s']:.0f}")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time"):
+                    self.tb.add_scalar(k, v, state.step)
+
+    def event(self, message: str) -> None:
+        if self.active:
+            self.metrics.write(json.dumps({"event": message, "time": time.time()}) + "\n")
+            self.metrics.flush()
+            (self.bar.write if self.bar is not None else print)(message)
+
+    @torch.no_grad()
+    def sample_grids(self, model, ema, step: int, latent_shape, dataset) -> None:
+        from slct.codecs import get_codec
+        from slct.images import save_grid
+        from slct.sampling import default_nfe, sample_latents
+
+        decay = ema.decays[-1]
+        backup = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(ema.weights(decay))
+        model.eval()
+        try:
+            codec = get_codec(**dataset.codec_spec)
+            device = next(model.parameters()).device
+            seeds = list(range(self.cfg.logging.grid_size))
+            for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
+                z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling)
+                images = codec.to(device).decode(dataset.normalizer.to(device).denormalize(z))
+                save_grid(images, self.run_dir / "samples" / f"step-{step:08d}-nfe{nfe}.png")
+        finally:
+            model.load_state_dict(backup)
+            model.train()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+
+    def finish(self, done: bool) -> dict:
+        self.metrics.close()
+        files = {"metrics": self.run_dir / "metrics.jsonl"}
+        plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "training.png")
+        if plot:
+            files["plot"] = plot
+        return files
+
+
+def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
+    """Loss terms, c and N against the step, one PNG."""
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    rows = [r for r in rows if "step" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    panels = [("loss", ("loss", "consistency", "diffusion"), True), ("c", ("c",), True), ("N", ("n_scales",), False)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (title, keys, log) in zip(axes, panels):
+        for k in keys:
+            ys = [r.get(k) for r in rows]
+            if any(y is not None and math.isfinite(y) and (y > 0 or not log) for y in ys):
+                ax.plot(steps, [y if y is not None else float("nan") for y in ys], label=k)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if len(keys) > 1:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
