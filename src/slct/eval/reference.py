@@ -1,0 +1,280 @@
+"""Reference statistics: features of the real images, computed once and cached (REFERENCE.md [10]).
+
+A reference is a :class:`~slct.eval.metrics.FeatureStats` of the training images in one extractor's
+space (mean and covariance for FID/FD, plus up to ``max_features`` raw features for precision/recall),
+saved as ``.npz`` with a JSON manifest beside it (``FILE.json``; the same JSON is also stored inside
+the ``.npz`` as ``manifest``). The manifest records the source path, image count, extractor spec
+(weights sha256 included), resolution, resize policy, slct version and creation time, and is the
+cache key: the same source, extractor, resolution and resize method give the same default file.
+
+Sources: a folder of images (recursive, sorted by path), a ``.zip`` of images (sorted by name), both
+read as ``slct encode`` reads them, or a latent dataset directory / ``builtin:<name>`` (its stored
+latents decoded through the codec recorded with them). With ``resolution``, real images are first
+center-cropped and resized to the training resolution exactly as ``slct encode`` prepares them
+(``resample``, default bicubic); then real and generated images go through the same extractor resize.
+
+A pytorch-fid ``.npz`` (only ``mu`` and ``sigma``) also loads: FID works, precision/recall do not.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
+
+from slct.eval.extractors import RESIZE_POLICY, Extractor, Images
+from slct.eval.metrics import FeatureStats
+
+MANIFEST_FORMAT = "slct-reference-v1"
+DEFAULT_MAX_FEATURES = 50_000  # real features kept for precision/recall (NVlabs' pr50k3_full keeps up to 200k)
+
+
+@dataclass
+class Reference:
+    """Real-data statistics in one feature space.
+
+    Attributes:
+        mu: (D,) feature mean.  sigma: (D, D) feature covariance.  n: number of images.
+        features: (M, D) float32 raw features for precision/recall, or None (e.g. a pytorch-fid file).
+        manifest: provenance (see the module docstring); {} for foreign files.
+        path: the ``.npz`` it was loaded from, if any.
+    """
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    features: np.ndarray | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @classmethod
+    def from_stats(cls, stats: FeatureStats, manifest: dict[str, Any] | None = None,
+                   path: Path | None = None) -> "Reference":
+        return cls(stats.mean, stats.cov, stats.n, stats.features, dict(manifest or {}), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading sources: image folders and zips through ``slct.data.sources`` (the reader ``slct encode``
+# uses, so a reference sees the training images in the same order and with the same crop), latent
+# datasets through ``slct.data.LatentDataset`` and their codec.
+
+
+def _image_channels(image: PIL.Image.Image) -> int:
+    return 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+
+
+def load_image(image: PIL.Image.Image, resolution: int | None = None, resample: str = "bicubic") -> np.ndarray:
+    """A PIL image -> uint8 (H, W, C), C = 1 for grey files and 3 otherwise.
+
+    With ``resolution``: center crop to a square and resize with ``resample``, exactly as ``slct encode``
+    prepares training images; without: the image as stored.
+    """
+    from slct.data.sources import prepare_image
+
+    channels = _image_channels(image)
+    if resolution is None:
+        arr = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        return arr[..., None] if arr.ndim == 2 else arr
+    return prepare_image(image, resolution, channels, resample).transpose(1, 2, 0)
+
+
+def list_images(source: str | os.PathLike) -> list[str]:
+    """Image names of a folder (recursive) or zip, in the sorted order they are read."""
+    from slct.data.sources import open_source
+
+    return list(open_source(source).names)
+
+
+def image_reader(source: str | os.PathLike, limit: int | None = None, resolution: int | None = None,
+                 resample: str = "bicubic", holdout: int = 0,
+                 split: str = "all") -> tuple[int, Callable[[Sequence[int]], list[np.ndarray]]]:
+    """(count, read) for a folder or zip: ``read(indices)`` -> the uint8 HWC images at those positions
+    of the :func:`list_images` order restricted to ``split`` (as ``slct encode --holdout``), the first
+    ``limit`` only."""
+    from slct.data.encode import split_indices
+    from slct.data.sources import open_source
+
+    src = open_source(source)
+    positions = split_indices(len(src), holdout, split)
+    count = len(positions) if limit is None else min(limit, len(positions))
+
+    def read(indices: Sequence[int]) -> list[np.ndarray]:
+        out = []
+        for i in indices:
+            if not 0 <= i < count:
+                raise IndexError(f"image index {i} out of range [0, {count}) of {source}")
+            with src.load(int(positions[i])) as image:
+                out.append(load_image(image, resolution, resample))
+        return out
+
+    return count, read
+
+
+def is_latent_dataset(source: str | os.PathLike) -> bool:
+    """A directory with a latent-dataset manifest (written by ``slct encode``), or ``builtin:<name>``."""
+    from slct.data.encode import MANIFEST
+
+    return str(source).startswith("builtin:") or (Path(source) / MANIFEST).is_file()
+
+
+def iter_latent_batches(source: str | os.PathLike, batch_size: int = 64, limit: int | None = None,
+                        device: str | torch.device = "cpu") -> tuple[int, Any, Iterator[torch.Tensor]]:
+    """(count, the LatentDataset, batches of decoded images NCHW in [-1, 1]) of a latent dataset.
+
+    The stored latents (before any training normalisation) are decoded with the codec they were
+    encoded with, so the reference sees what the codec can reproduce.
+    """
+    from slct.data import LatentDataset
+
+    dataset = LatentDataset(str(source) if str(source).startswith("builtin:") else Path(source))
+    codec = dataset.make_codec().to(device)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i in range(0, count, batch_size):
+            z = torch.from_numpy(dataset.raw(np.arange(i, min(i + batch_size, count))))
+            with torch.no_grad():
+                yield codec.decode(z.to(device))
+
+    return count, dataset, batches()
+
+
+# ----------------------------------------------------------------------------------------------
+# Computing, saving and loading.
+
+
+def stats_from_batches(batches: Iterable[Images], extractor: Extractor, max_features: int | None = DEFAULT_MAX_FEATURES,
+                       total: int | None = None, progress: bool = True, desc: str = "features") -> FeatureStats:
+    """Stream image batches through ``extractor`` into a FeatureStats that keeps ``max_features`` features."""
+    stats = FeatureStats(extractor.dim, keep_features=bool(max_features), max_kept=max_features or None)
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
+        for images in batches:
+            feats = extractor(images)
+            stats.update(feats)
+            bar.update(len(feats))
+    return stats
+
+
+def reference_from_images(images: Images | Iterable[Images], extractor: Extractor,
+                          max_features: int | None = DEFAULT_MAX_FEATURES, progress: bool = False) -> Reference:
+    """An in-memory reference from a batch (or an iterable of batches) of images, e.g. a demo's dataset."""
+    batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
+    stats = stats_from_batches(batches, extractor, max_features, progress=progress)
+    return Reference.from_stats(stats, dict(format=MANIFEST_FORMAT, source="<in memory>", count=stats.n,
+                                            extractor=extractor.spec(), resize=RESIZE_POLICY))
+
+
+def default_reference_path(source: str | os.PathLike, extractor: Extractor, resolution: int | None = None,
+                           resample: str = "bicubic", max_features: int | None = DEFAULT_MAX_FEATURES,
+                           limit: int | None = None, holdout: int = 0, split: str = "all") -> Path:
+    """The cache file for these settings: ``$SLCT_CACHE`` (default ``~/.cache/slct``) ``/refs/...npz``.
+
+    Named by source, extractor and resolution, plus a hash of every setting (source path, extractor
+    spec with its weights hash and resize method, resample, feature cap, limit).
+    """
+    where = str(source) if str(source).startswith("builtin:") else str(Path(source).resolve())
+    key = json.dumps(dict(source=where, extractor=extractor.spec(), resolution=resolution,
+                          resample=resample if resolution else None, max_features=max_features, limit=limit,
+                          **({"holdout": holdout, "split": split} if split != "all" else {})),
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    root = Path(os.environ.get("SLCT_CACHE") or Path.home() / ".cache" / "slct").expanduser()
+    stem = Path(where.replace(":", "-")).stem
+    return root / "refs" / f"{stem}-{extractor.name}-{f'{resolution}px' if resolution else 'native'}-{digest}.npz"
+
+
+def manifest_path(npz_path: str | os.PathLike) -> Path:
+    return Path(npz_path).with_suffix(".json")
+
+
+def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolution: int | None = None,
+                      resample: str = "bicubic", batch_size: int = 64,
+                      max_features: int | None = DEFAULT_MAX_FEATURES, limit: int | None = None,
+                      progress: bool = True, device: str | torch.device = "cpu", holdout: int = 0,
+                      split: str = "all") -> Reference:
+    """Reference statistics of an image folder / zip or a latent dataset (see the module docstring).
+
+    ``resolution``/``resample`` apply to image sources (center crop and resize, as ``slct encode``);
+    a latent dataset's images come at the resolution they were encoded at. ``holdout``/``split`` select
+    images of a folder / zip as ``slct encode --holdout N --split ...`` does (e.g. the held-out faces).
+    """
+    from slct import __version__
+
+    if resolution is not None and (int(resolution) != resolution or resolution < 1):
+        raise ValueError(f"resolution must be a positive integer or None, got {resolution!r}")
+    if is_latent_dataset(source):
+        if split != "all":
+            raise ValueError("holdout/split select images of a folder or zip; a latent dataset is used whole "
+                             "(encode the held-out split with `slct encode --holdout N --split holdout`)")
+        count, dataset, batches = iter_latent_batches(source, batch_size, limit, device)
+        if resolution is not None and resolution != dataset.image_resolution:
+            raise ValueError(f"{source} holds {dataset.image_resolution} px images; a latent dataset is decoded at "
+                             f"its own resolution, so drop resolution={resolution}")
+        kind, codec_spec, resolution, resample = "latents", dict(dataset.codec_spec), dataset.image_resolution, None
+        where = str(source) if str(source).startswith("builtin:") else str(Path(source).resolve())
+    else:
+        count, read = image_reader(source, limit, resolution, resample, holdout, split)
+        batches = (read(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size))
+        kind, codec_spec, where = ("zip" if Path(source).is_file() else "folder"), None, str(Path(source).resolve())
+        if resolution is None:
+            resample = None
+    stats = stats_from_batches(batches, extractor, max_features, total=count, progress=progress,
+                               desc=f"reference {Path(str(source)).name}")
+    manifest = dict(
+        format=MANIFEST_FORMAT, source=where, source_kind=kind, codec=codec_spec,
+        count=stats.n, features_kept=0 if stats.features is None else len(stats.features),
+        extractor=extractor.spec(), resolution=resolution, resample=resample, resize=RESIZE_POLICY, limit=limit,
+        holdout=holdout, split=split, slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    return Reference.from_stats(stats, manifest)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write through a temporary file and rename: a concurrent reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def save_reference(reference: Reference, path: str | os.PathLike) -> Path:
+    """Write ``path`` (.npz, with the manifest inside) and the manifest ``path.with_suffix('.json')``."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"reference statistics are saved as .npz, got {path}")
+    text = json.dumps(reference.manifest, indent=2, sort_keys=True)
+    arrays = dict(n=np.int64(reference.n), mu=reference.mu, sigma=reference.sigma, manifest=np.array(text))
+    if reference.features is not None:
+        arrays["features"] = reference.features
+    _atomic_write(path, lambda f: np.savez(f, **arrays))  # a file object keeps np.savez from adding ".npz"
+    _atomic_write(manifest_path(path), lambda f: f.write(text.encode() + b"\n"))
+    reference.path = path
+    return path
+
+
+def load_reference(path: str | os.PathLike) -> Reference:
+    """Load a reference ``.npz`` written by :func:`save_reference` (or pytorch-fid's ``mu``/``sigma`` file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics not found: {path} (make them with `slct eval ref SOURCE`)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} is not an .npz of reference statistics: {e}") from e
+    with data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path} holds no reference statistics (keys: {sorted(data.files)})")
+        manifest = json.loads(str(data["manifest"])) if "manifest" in data else {}
+        features = data["features"].astype(np.float32) if "features" in data else None
+        n = int(data["n"]) if "n" in data else int(manifest.get("count", 0))
+        return Reference(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n, features, manifest, path)
