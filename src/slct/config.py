@@ -86,6 +86,7 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; set by the train command, not at import
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ot_scope: str = "local"  # local: OT per process on its own minibatch (authors) | global: on the global batch
+    prefetch_batches: int = 2  # batches (incl. OT coupling) prepared by a background thread; 0 = inline in the step
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     rollback_lr_factor: float = 0.5  # the LR is multiplied by this at each rollback
 
@@ -142,6 +143,8 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.train.prefetch_batches < 0:
+            raise ValueError(f"train.prefetch_batches must be >= 0 (0: inline), got {self.train.prefetch_batches}")
         if self.train.batch_size % self.optim.accumulate:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by optim.accumulate "
                              f"({self.optim.accumulate})")

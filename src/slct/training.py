@@ -29,7 +29,8 @@ from slct.objectives import build_objective
 from slct.pipeline import BatchPipeline, step_seed
 
 # config sections a resumed run may change: they do not alter the training trajectory
-RESUMABLE_CHANGES = ("logging.", "checkpoint.", "train.device", "train.compile", "train.tf32", "data.path", "preset")
+RESUMABLE_CHANGES = ("logging.", "checkpoint.", "train.device", "train.compile", "train.tf32", "train.prefetch_batches",
+                     "data.path", "preset")
 
 
 @dataclass
@@ -206,7 +207,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
     logger = _Logger(run_dir, cfg, dist.is_main, progress, start=state.step, total=total)
-    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device)
+    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device,
+                                     cfg.train.prefetch_batches)
     consecutive_bad, stopped_by = 0, "done"
     slice_start = time.time()
     try:
@@ -250,7 +252,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     pipeline.close()
                     _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger)
                     consecutive_bad = 0
-                    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device)
+                    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device,
+                                     cfg.train.prefetch_batches)
                     continue
                 out_of_time = not in_time
                 stopping = (not go_on) or out_of_time or state.step >= stop_step
