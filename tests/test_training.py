@@ -220,3 +220,22 @@ def test_demo_short_mode_beats_the_noise_baseline(tmp_path, capsys):
     assert scores["fd_nfe1"] < 0.5 * scores["fd_noise_baseline"]
     assert scores["fd_nfe2"] < 0.5 * scores["fd_noise_baseline"]
     assert "report:" in capsys.readouterr().out
+
+
+def test_periodic_evaluation_logs_fd_and_plots_it(tmp_path):
+    from slct.eval import get_extractor
+    from slct.eval.reference import compute_reference, save_reference
+
+    ref = save_reference(compute_reference("builtin:digits8", get_extractor("pixels"), progress=False),
+                         tmp_path / "ref.npz")
+    sets = ["logging.eval_every_steps=4", f"logging.eval_reference={ref}", "logging.eval_n=64"]
+    train(tiny_cfg("slct", 8, 16, *sets), tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval_step"' in line]
+    assert [r["eval_step"] for r in rows] == [4, 8]
+    for r in rows:
+        assert r["eval_n"] == 64 and all(r[f"fd_nfe{nfe}"] > 0 for nfe in (1, 2))
+        assert 0 <= r["precision_nfe1"] <= 1 and 0 <= r["recall_nfe1"] <= 1
+    assert (tmp_path / "run" / "training.png").is_file()
+    with pytest.raises(FileNotFoundError, match="eval_reference"):
+        train(tiny_cfg("slct", 8, 16, "logging.eval_every_steps=4", "logging.eval_reference=missing.npz"),
+              tmp_path / "other", progress=False)

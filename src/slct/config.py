@@ -104,6 +104,9 @@ class LoggingConfig:
     sample_every_steps: int = 5000  # 1- and 2-step sample grids from the EMA model; 0 = only at the end
     grid_size: int = 64  # images per sample grid (fixed seeds 0..grid_size-1)
     tensorboard: bool = False  # needs the "tensorboard" extra
+    eval_every_steps: int = 0  # FD (+ precision/recall) of the EMA model against logging.eval_reference; 0 = off
+    eval_reference: str = ""  # reference statistics from `slct eval ref` (their extractor is used)
+    eval_n: int = 1000  # samples per periodic evaluation (small: a trend, not the 50k protocol)
 
 
 @dataclass
@@ -143,6 +146,10 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.logging.eval_every_steps < 0 or self.logging.eval_n < 2:
+            raise ValueError("logging.eval_every_steps must be >= 0 and logging.eval_n >= 2")
+        if self.logging.eval_every_steps and not self.logging.eval_reference:
+            raise ValueError("logging.eval_every_steps needs logging.eval_reference (a .npz from `slct eval ref`)")
         if self.train.prefetch_batches < 0:
             raise ValueError(f"train.prefetch_batches must be >= 0 (0: inline), got {self.train.prefetch_batches}")
         if self.train.batch_size % self.optim.accumulate:

@@ -147,6 +147,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     ``loss_hook(step, loss) -> loss`` may replace the loss tensor (fault-injection tests, custom regularisers).
     """
     cfg.validate()
+    if cfg.logging.eval_every_steps and not Path(cfg.logging.eval_reference).is_file():
+        raise FileNotFoundError(f"logging.eval_reference {cfg.logging.eval_reference!r} does not exist "
+                                "(make it with `slct eval ref SOURCE --extractor NAME --out FILE.npz`)")
     t_start = time.time()
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
@@ -264,6 +267,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                 every = cfg.logging.sample_every_steps
                 if dist.is_main and ((every and state.step % every == 0) or state.step == total):
                     logger.sample_grids(model, ema, state.step, latent_shape, dataset)
+                every = cfg.logging.eval_every_steps
+                if dist.is_main and every and (state.step % every == 0 or state.step == total):
+                    logger.evaluate(model, ema, state.step, latent_shape, dataset)
                 if not go_on:
                     stopped_by = "signal"
                     break
@@ -387,6 +393,7 @@ class _Logger:
         self.stats: dict = {}
         self.bar = None
         self.tb = None
+        self._eval_pair = None
         if not active:
             return
         self.metrics = open(run_dir / "metrics.jsonl", "a")
@@ -467,6 +474,41 @@ class _Logger:
             model.load_state_dict(backup)
             model.train()
 
+    @torch.no_grad()
+    def evaluate(self, model, ema, step: int, latent_shape, dataset) -> None:
+        """FD (and precision/recall) of the largest-decay EMA model on logging.eval_n samples, per NFE."""
+        from slct.codecs import get_codec
+        from slct.eval.evaluate import evaluate_many, extractor_for_reference
+        from slct.eval.reference import load_reference
+        from slct.sampling import default_nfe, sample_latents
+
+        if self._eval_pair is None:  # loaded once per run
+            reference = load_reference(self.cfg.logging.eval_reference)
+            self._eval_pair = (extractor_for_reference(reference), reference)
+        decay = ema.decays[-1]
+        backup = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(ema.weights(decay))
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            codec, normalizer = get_codec(**dataset.codec_spec).to(device), dataset.normalizer.to(device)
+            row = {"eval_step": step, "eval_n": self.cfg.logging.eval_n, "ema": decay}
+            for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
+                def generate(seeds, nfe=nfe):
+                    z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling)
+                    return codec.decode(normalizer.denormalize(z))
+
+                (result,) = evaluate_many(generate, self.cfg.logging.eval_n, 64, [self._eval_pair], progress=False)
+                row.update({f"{key}_nfe{nfe}": result[key] for key in ("fd", "precision", "recall")
+                            if result.get(key) is not None})
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+            summary = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k.startswith("fd_"))
+            (self.bar.write if self.bar is not None else print)(f"step {step}: {summary} ({row['eval_n']} samples)")
+        finally:
+            model.load_state_dict(backup)
+            model.train()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -496,7 +538,17 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
 
     steps = [r["step"] for r in rows]
     panels = [("loss", ("loss", "consistency", "diffusion"), True), ("c", ("c",), True), ("N", ("n_scales",), False)]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    evals = [json.loads(line) for line in open(metrics_path) if '"eval_step"' in line]
+    fig, axes = plt.subplots(1, 3 + bool(evals), figsize=(13 + 4.3 * bool(evals), 3.4))
+    if evals:  # periodic evaluation (logging.eval_every_steps): FD per NFE against the step
+        ax = axes[-1]
+        for key in sorted({k for r in evals for k in r if k.startswith("fd_nfe")}):
+            pts = [(r["eval_step"], r[key]) for r in evals if key in r]
+            ax.plot(*zip(*pts), marker="o", label=key.replace("fd_nfe", "") + " NFE")
+        ax.set_yscale("log")
+        ax.set_title(f"FD ({evals[-1]['eval_n']} samples)")
+        ax.set_xlabel("step")
+        ax.legend()
     for ax, (title, keys, log) in zip(axes, panels):
         for k in keys:
             ys = [r.get(k) for r in rows]

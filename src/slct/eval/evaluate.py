@@ -30,6 +30,17 @@ def metric_label(extractor_name: str) -> str:
     return "FID" if extractor_name == "inception" else f"FD-{extractor_name}"
 
 
+def extractor_for_reference(reference: Reference, **kwargs: Any) -> Extractor:
+    """The extractor a reference was computed with (its recorded name and options; weights looked up as usual)."""
+    from slct.eval.extractors import EXTRACTORS, get_extractor
+
+    spec = reference.manifest.get("extractor")
+    if not spec or spec.get("name") not in EXTRACTORS:
+        raise ValueError(f"reference {reference.path or ''} does not record a known extractor; recompute it with "
+                         "`slct eval ref SOURCE --extractor NAME`")
+    return get_extractor(spec["name"], **EXTRACTORS[spec["name"]].options_from_spec(spec), **kwargs)
+
+
 def check_compatible(extractor: Extractor, reference: Reference) -> None:
     """Raise ValueError when ``reference`` was computed in another feature space than ``extractor``'s."""
     spec, ref_spec = extractor.spec(), reference.manifest.get("extractor")
