@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +40,10 @@ def main() -> None:
         rows[policy] = float(out.stdout.strip())
     import torch
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import cpu_model
+
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; "
                f"1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     lines = ["# OpenMP wait policy and CPU step time", "",
              f"- Machine: {machine}",
