@@ -12,7 +12,7 @@ Every stage is a plain `slct` command (printed before it runs), so each number c
 3. train: `slct train --preset METHOD --data-preset utkface64` for ``--steps`` steps, a snapshot every
           ``--curve-every`` steps; re-running continues where it stopped (``--minutes`` slices it);
 4. eval:  `slct eval` of the last snapshot on ``--n-eval`` samples (1 and 2 steps; ldm: its Heun sampler),
-          and of every earlier snapshot on ``--curve-n`` samples for the FD-vs-step curves;
+          and, for the ``--curves`` methods, of every earlier snapshot on ``--curve-n`` samples (FD vs step);
 5. report: ``benchmarks/results/ablation-utkface64.{json,md}``, the sample grids side by side and the curves.
 
 Each stage skips what is already done. Runs live in ``--work`` (default /tmp/slct-ablation), outside the repo.
@@ -43,7 +43,8 @@ STAGES = ["data", "ref", "train", "eval", "report"]
 
 def sh(args: list[str], log: Path | None = None) -> None:
     """Run one `slct` command (as a user would type it), echoing it first."""
-    print("$", shlex.join(args), flush=True)
+    shown = ["slct", *args[3:]] if args[:3] == slct() else args  # as a user types it
+    print("$", shlex.join(shown), flush=True)
     if log is None:
         subprocess.run(args, check=True)
     else:
@@ -95,17 +96,22 @@ def stage_train(a, work: Path, data: Path, method: str) -> bool:
 
 def stage_eval(a, work: Path, ref: Path, method: str) -> None:
     run = work / "runs" / method
+    jobs = []  # (snapshot, n, is the table's row): every curve point at --curve-n, the last one also at --n-eval
     for snap in snapshots(run):
         final = step_of(snap) == a.steps
-        out = run / f"eval-{step_of(snap):08d}-n{a.n_eval if final else a.curve_n}.json"
+        if method in a.curves:
+            jobs.append((snap, a.curve_n, False))
+        if final:
+            jobs.append((snap, a.n_eval, True))
+    for snap, n, row in jobs:
+        out = run / f"eval-{step_of(snap):08d}-n{n}.json"
         if out.exists():
             continue
-        cmd = slct("eval", "--snapshot", str(snap), "--ref", str(ref), "--n", str(a.n_eval if final else a.curve_n),
-                   "--out", str(out), "--no-progress")
-        if not final:
+        cmd = slct("eval", "--snapshot", str(snap), "--ref", str(ref), "--n", str(n), "--out", str(out), "--no-progress")
+        if not row:
             cmd += ["--max-pr-samples", "0"]  # the curves plot FD only
         if method != "ldm":
-            cmd += ["--nfe", "1", "2"] if final else ["--nfe", "1"]
+            cmd += ["--nfe", "1", "2"] if row else ["--nfe", "1"]
         sh(cmd, log=run / "eval.log")
 
 
@@ -128,7 +134,8 @@ def collect(a, work: Path, methods: list[str]) -> list[dict]:
             step = int(path.stem.split("-")[1])
             for r in record["results"]:
                 rows.append(dict(method=method, step=step, n=record["n"], nfe=r["nfe"], fd=r["fd"],
-                                 precision=r.get("precision"), recall=r.get("recall"), final=step == a.steps,
+                                 precision=r.get("precision"), recall=r.get("recall"),
+                                 final=step == a.steps and record["n"] == a.n_eval,
                                  train_s=training_time_s(run) if (run / "metrics.jsonl").exists() else None,
                                  eval_file=str(path)))
     return rows
@@ -144,25 +151,30 @@ def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
     from slct.images import make_grid
     from slct.sampling import default_nfe, load_snapshot
 
-    panels = []
+    rows = []
     for method in methods:
         snap_path = work / "runs" / method / f"snapshot-{a.steps:08d}.pt"
         if not snap_path.exists():
             continue
         snap = load_snapshot(snap_path)
+        panels = []
         for nfe in default_nfe(snap.config.objective, snap.config.sampling):
             with torch.no_grad():
                 images = snap.generate(list(range(32)), nfe)
             panels.append((f"{method}, {nfe} NFE", make_grid(images, nrow=8)))
-    if not panels:
+        rows.append(panels)
+    if not rows:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 1.9))
-    for ax, (label, grid) in zip([axes] if len(panels) == 1 else axes, panels):
-        ax.imshow(grid)
-        ax.set_title(label, fontsize=9)
-        ax.axis("off")
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(4.2 * cols, 2.4 * len(rows)), squeeze=False)
+    for ax_row, panels in zip(axes, rows):
+        for ax in ax_row:
+            ax.axis("off")
+        for ax, (label, grid) in zip(ax_row, panels):
+            ax.imshow(grid)
+            ax.set_title(label, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -172,11 +184,18 @@ def figure_curves(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in rows}))}
     for (method, nfe) in sorted({(r["method"], r["nfe"]) for r in rows}):
-        pts = sorted((r["step"], r["fd"]) for r in rows if r["method"] == method and r["nfe"] == nfe)
-        if len(pts) > 1 and (nfe == 1 or method == "ldm"):
-            ax.plot(*zip(*pts), marker="o", label=f"{method} ({nfe} NFE)")
+        if nfe == 2 and method != "ldm":
+            continue
+        mine = [r for r in rows if r["method"] == method and r["nfe"] == nfe]
+        # FD is biased upwards at small n: join only points with the same n, mark the final n separately
+        for n, style in ((min(r["n"] for r in mine), "-o"), (max(r["n"] for r in mine), "*")):
+            pts = sorted((r["step"], r["fd"]) for r in mine if r["n"] == n)
+            if pts and (style == "-o" or n != min(r["n"] for r in mine)):
+                ax.plot(*zip(*pts), style, markersize=9 if style == "*" else 5,
+                        label=f"{method} ({nfe} NFE), n={n}", color=colors[method])
     ax.set_xlabel("training step")
     ax.set_ylabel("FD-MobileNetV2 (lower is better)")
     ax.set_yscale("log")
@@ -213,7 +232,10 @@ def stage_report(a, work: Path, methods: list[str]) -> None:
         minutes = None if r["train_s"] is None else r["train_s"] / 60
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.2f} | {fmt(r['precision'], '.3f')} | "
                      f"{fmt(r['recall'], '.3f')} | {r['step']} | {fmt(minutes, '.1f')} min |")
-    lines += ["", f"![samples]({stem}-samples.png)", "", f"![FD against training step]({stem}-curves.png)", ""]
+    lines += ["", "FD depends on the number of samples (it is biased upwards at small n): compare rows at the same n. "
+              "Training time is the wall time of the logged steps, as the runs were scheduled (see --note)."]
+    lines += ["", *([a.note, ""] if a.note else []), f"![samples]({stem}-samples.png)", "",
+              f"![FD against training step]({stem}-curves.png)", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
@@ -227,12 +249,15 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/slct-ablation", help="latents, references and runs (not in the repo)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--holdout", type=int, default=5000, help="faces kept out of training for the reference")
-    p.add_argument("--steps", type=int, default=1500, help="training steps per method (the same for all)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per method (the same for all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=None, help="train each unfinished run at most this long")
     p.add_argument("--n-eval", type=int, default=5000, help="samples scored at the last step")
-    p.add_argument("--curve-every", type=int, default=500, help="snapshot (and curve point) every N steps")
+    p.add_argument("--curve-every", type=int, default=250, help="snapshot (and curve point) every N steps")
+    p.add_argument("--curves", nargs="*", default=GROUPS["default"], help="methods whose earlier snapshots are "
+                   "evaluated for the FD-vs-step curves (each point costs --curve-n samples)")
     p.add_argument("--curve-n", type=int, default=1000, help="samples per curve point")
+    p.add_argument("--note", default="", help="a paragraph for the report (e.g. how the runs shared the machine)")
     a = p.parse_args()
     methods = [m for name in a.methods for m in GROUPS.get(name, [name])]
     work = Path(a.work)
