@@ -231,7 +231,7 @@ def stage_report(a, work: Path, methods: list[str]) -> None:
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         minutes = None if r["train_s"] is None else r["train_s"] / 60
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.2f} | {fmt(r['precision'], '.3f')} | "
-                     f"{fmt(r['recall'], '.3f')} | {r['step']} | {fmt(minutes, '.1f')} min |")
+                     f"{fmt(r['recall'], '.4f')} | {r['step']} | {fmt(minutes, '.1f')} min |")
     lines += ["", "FD depends on the number of samples (it is biased upwards at small n): compare rows at the same n. "
               "Training time is the wall time of the logged steps, as the runs were scheduled (see --note)."]
     lines += ["", *([a.note, ""] if a.note else []), f"![samples]({stem}-samples.png)", "",

@@ -132,10 +132,11 @@ def markdown(rows: list[dict], sampling: list[dict], meta: dict, peak_tflops: fl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="a latent dataset (e.g. UTKFace 64 px TAEF2 latents)")
-    p.add_argument("--cases", nargs="+", default=["slct:fp32", "slct:fp32:inline", "ilct:fp32", "ldm:fp32"])
+    p.add_argument("--cases", nargs="+", default=["slct:fp32", "slct:fp32:inline", "ilct:fp32", "ldm:fp32",
+                                                  "slct:fp32", "slct:fp32:inline"])
     p.add_argument("--network", default=None, help="network preset (default: the utkface64 preset's unet-small)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sample-n", type=int, default=256)
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for the MFU column")
@@ -151,8 +152,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or tmp
         rows = []
-        for case in a.cases:
-            cmd = [sys.executable, __file__, "--one", case, "--work", work, "--data", a.data, "--batch", str(a.batch),
+        for i, case in enumerate(a.cases):  # a case may repeat (to see the timing noise): one folder each
+            cmd = [sys.executable, __file__, "--one", case, "--work", f"{work}/{i}", "--data", a.data, "--batch", str(a.batch),
                    "--steps", str(a.steps), "--device", a.device, *(["--network", a.network] if a.network else [])]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
@@ -162,8 +163,8 @@ def main() -> None:
                   flush=True)
         sampling = []
         for r in rows:
-            if ":" in r["case"] and r["case"].split(":")[1:] != ["fp32"]:
-                continue  # one sampling measurement per method, from its plain fp32 run
+            if r["case"].split(":")[1:] != ["fp32"] or any(s["method"] == r["method"] for s in sampling):
+                continue  # one sampling measurement per method, from its first plain fp32 run
             from slct.sampling import default_nfe, load_snapshot
 
             snap = load_snapshot(r["snapshot"])

@@ -105,7 +105,7 @@ def test_layers_apply_in_order(tmp_path):
     ("train.compile=3", "train.compile: expected bool"),
     ("objective.loss=huber", "loss must be one of"),
     ("train.precision=fp8", "train.precision must be one of"),
-    ("train.prefetch_batches=-1", "train.prefetch_batches must be >= 0"),
+    ("train.prefetch_batches=-2", "train.prefetch_batches must be >= -1"),
 ])
 def test_overrides_are_strict(expr, match):
     with pytest.raises(ValueError, match=match):

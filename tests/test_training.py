@@ -62,8 +62,8 @@ def test_stop_and_resume_is_bitwise_identical(reference_run, tmp_path):
 def test_inline_batches_equal_prefetched_ones_and_resume_may_switch(reference_run, tmp_path):
     """Batches (data, noise, OT partner, timesteps) are a pure function of (seed, step): preparing them inline
     instead of in the background thread changes nothing, so the setting may change on resume."""
-    train(tiny_cfg("slct", 20, 16, "train.prefetch_batches=0"), tmp_path, until_step=10, progress=False)
-    assert train(tiny_cfg(), tmp_path, progress=False).finished
+    train(tiny_cfg("slct", 20, 16, "train.prefetch_batches=2"), tmp_path, until_step=10, progress=False)
+    assert train(tiny_cfg("slct", 20, 16, "train.prefetch_batches=0"), tmp_path, progress=False).finished
     assert_bitwise_equal(weights(tmp_path)[0], weights(reference_run)[0])
 
 

@@ -86,7 +86,9 @@ class TrainConfig:
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs; set by the train command, not at import
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     ot_scope: str = "local"  # local: OT per process on its own minibatch (authors) | global: on the global batch
-    prefetch_batches: int = 2  # batches (incl. OT coupling) prepared by a background thread; 0 = inline in the step
+    # batches (incl. OT coupling) prepared by a background thread while the device steps; 0 = inline in the step;
+    # -1 = auto: 2 on a GPU, 0 on a CPU (there the thread only competes with the step for the same cores)
+    prefetch_batches: int = -1
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     rollback_lr_factor: float = 0.5  # the LR is multiplied by this at each rollback
 
@@ -150,8 +152,9 @@ class Config:
             raise ValueError("logging.eval_every_steps must be >= 0 and logging.eval_n >= 2")
         if self.logging.eval_every_steps and not self.logging.eval_reference:
             raise ValueError("logging.eval_every_steps needs logging.eval_reference (a .npz from `slct eval ref`)")
-        if self.train.prefetch_batches < 0:
-            raise ValueError(f"train.prefetch_batches must be >= 0 (0: inline), got {self.train.prefetch_batches}")
+        if self.train.prefetch_batches < -1:
+            raise ValueError(f"train.prefetch_batches must be >= -1 (-1: auto, 0: inline), got "
+                             f"{self.train.prefetch_batches}")
         if self.train.batch_size % self.optim.accumulate:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by optim.accumulate "
                              f"({self.optim.accumulate})")

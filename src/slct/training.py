@@ -210,8 +210,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
     logger = _Logger(run_dir, cfg, dist.is_main, progress, start=state.step, total=total)
-    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device,
-                                     cfg.train.prefetch_batches)
+    prefetch = cfg.train.prefetch_batches if cfg.train.prefetch_batches >= 0 else 2 * (device.type == "cuda")
+    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
     consecutive_bad, stopped_by = 0, "done"
     slice_start = time.time()
     try:
@@ -255,8 +255,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     pipeline.close()
                     _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger)
                     consecutive_bad = 0
-                    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device,
-                                     cfg.train.prefetch_batches)
+                    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
                     continue
                 out_of_time = not in_time
                 stopping = (not go_on) or out_of_time or state.step >= stop_step
