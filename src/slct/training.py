@@ -209,7 +209,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     stop_step = min(total, until_step) if until_step is not None else total
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
-    logger = _Logger(run_dir, cfg, dist.is_main, progress, start=state.step, total=total)
+    logger = _Logger(run_dir, cfg, dataset, dist.is_main, progress, start=state.step, total=total)
     prefetch = cfg.train.prefetch_batches if cfg.train.prefetch_batches >= 0 else 2 * (device.type == "cuda")
     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
     consecutive_bad, stopped_by = 0, "done"
@@ -265,10 +265,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     _save_snapshot(run_dir, cfg, meta, ema, state)
                 every = cfg.logging.sample_every_steps
                 if dist.is_main and ((every and state.step % every == 0) or state.step == total):
-                    logger.sample_grids(model, ema, state.step, latent_shape, dataset)
+                    logger.sample_grids(model, ema, state.step, latent_shape)
                 every = cfg.logging.eval_every_steps
                 if dist.is_main and every and (state.step % every == 0 or state.step == total):
-                    logger.evaluate(model, ema, state.step, latent_shape, dataset)
+                    logger.evaluate(model, ema, state.step, latent_shape)
                 if not go_on:
                     stopped_by = "signal"
                     break
@@ -382,7 +382,7 @@ class _Logger:
 
     KEYS = ("loss", "consistency", "diffusion")
 
-    def __init__(self, run_dir: Path, cfg: Config, active: bool, progress: bool, start: int, total: int):
+    def __init__(self, run_dir: Path, cfg: Config, dataset, active: bool, progress: bool, start: int, total: int):
         self.run_dir, self.cfg, self.active = run_dir, cfg, active
         self.sums: dict[str, float] = {}
         self.count = 0
@@ -393,6 +393,7 @@ class _Logger:
         self.bar = None
         self.tb = None
         self._eval_pair = None
+        self._dataset, self._decode = dataset, None  # the codec for sample grids and evaluation, built once
         if not active:
             return
         self.metrics = open(run_dir / "metrics.jsonl", "a")
@@ -451,32 +452,41 @@ class _Logger:
             self.metrics.flush()
             (self.bar.write if self.bar is not None else print)(message)
 
-    @torch.no_grad()
-    def sample_grids(self, model, ema, step: int, latent_shape, dataset) -> None:
-        from slct.codecs import get_codec
-        from slct.images import save_grid
-        from slct.sampling import default_nfe, sample_latents
-
+    @contextlib.contextmanager
+    def _ema_model(self, model, ema):
+        """The model in eval mode with the largest-decay EMA weights, restored afterwards; yields (decay, decode),
+        decode mapping normalised latents to images through the run's codec (built once per run)."""
         decay = ema.decays[-1]
         backup = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(ema.weights(decay))
         model.eval()
         try:
-            codec = get_codec(**dataset.codec_spec)
             device = next(model.parameters()).device
-            seeds = list(range(self.cfg.logging.grid_size))
-            for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
-                z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling)
-                images = codec.to(device).decode(dataset.normalizer.to(device).denormalize(z))
-                save_grid(images, self.run_dir / "samples" / f"step-{step:08d}-nfe{nfe}.png")
+            if self._decode is None:
+                from slct.codecs import get_codec
+
+                codec = get_codec(**self._dataset.codec_spec).to(device)
+                normalizer = self._dataset.normalizer.to(device)
+                self._decode = lambda z: codec.decode(normalizer.denormalize(z))
+            yield decay, self._decode
         finally:
             model.load_state_dict(backup)
             model.train()
 
     @torch.no_grad()
-    def evaluate(self, model, ema, step: int, latent_shape, dataset) -> None:
+    def sample_grids(self, model, ema, step: int, latent_shape) -> None:
+        from slct.images import save_grid
+        from slct.sampling import default_nfe, sample_latents
+
+        with self._ema_model(model, ema) as (_, decode):
+            seeds = list(range(self.cfg.logging.grid_size))
+            for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
+                z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling)
+                save_grid(decode(z), self.run_dir / "samples" / f"step-{step:08d}-nfe{nfe}.png")
+
+    @torch.no_grad()
+    def evaluate(self, model, ema, step: int, latent_shape) -> None:
         """FD (and precision/recall) of the largest-decay EMA model on logging.eval_n samples, per NFE."""
-        from slct.codecs import get_codec
         from slct.eval.evaluate import evaluate_many, extractor_for_reference
         from slct.eval.reference import load_reference
         from slct.sampling import default_nfe, sample_latents
@@ -484,29 +494,20 @@ class _Logger:
         if self._eval_pair is None:  # loaded once per run
             reference = load_reference(self.cfg.logging.eval_reference)
             self._eval_pair = (extractor_for_reference(reference), reference)
-        decay = ema.decays[-1]
-        backup = {k: v.clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(ema.weights(decay))
-        model.eval()
-        try:
-            device = next(model.parameters()).device
-            codec, normalizer = get_codec(**dataset.codec_spec).to(device), dataset.normalizer.to(device)
+        with self._ema_model(model, ema) as (decay, decode):
             row = {"eval_step": step, "eval_n": self.cfg.logging.eval_n, "ema": decay}
             for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
                 def generate(seeds, nfe=nfe):
-                    z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling)
-                    return codec.decode(normalizer.denormalize(z))
+                    return decode(sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective,
+                                                 self.cfg.sampling))
 
                 (result,) = evaluate_many(generate, self.cfg.logging.eval_n, 64, [self._eval_pair], progress=False)
                 row.update({f"{key}_nfe{nfe}": result[key] for key in ("fd", "precision", "recall")
                             if result.get(key) is not None})
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
-            summary = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k.startswith("fd_"))
-            (self.bar.write if self.bar is not None else print)(f"step {step}: {summary} ({row['eval_n']} samples)")
-        finally:
-            model.load_state_dict(backup)
-            model.train()
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        summary = ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k.startswith("fd_"))
+        (self.bar.write if self.bar is not None else print)(f"step {step}: {summary} ({row['eval_n']} samples)")
 
     def close(self) -> None:
         if self.bar is not None:
