@@ -80,7 +80,6 @@ def time_fwd_bwd(name: str, device: torch.device, batch: int, repeats: int, warm
     result = {"fwd_bwd_s": statistics.median(times), "all_s": times, "warmup_s": warmup_s}
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del net, step_net
     return result
 
 

@@ -207,7 +207,45 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class ConsistencyObjective:
+class _Objective:
+    """What the objectives share: a private validated copy of the config, the preconditioning they
+    train through, the call signature, the input checks and the noise draw (then coupled by
+    ``cfg.coupling``, [5]) that comes before any other draw."""
+
+    precond_kind: str  # Precond kind the network is trained through
+
+    def __init__(self, cfg: ObjectiveConfig, total_steps: int):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        self.cfg = dataclasses.replace(cfg).validate()  # private copy: the caller's config is never touched
+        self.total_steps = total_steps
+        self.precond = Precond(self.cfg.sigma_data, self.cfg.sigma_min, kind=self.precond_kind)
+
+    def __call__(
+        self,
+        model: Callable[..., torch.Tensor],
+        x0: torch.Tensor,
+        step: int,
+        labels: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        indices: torch.Tensor | None = None,
+        dropout_seed: int | None = None,
+    ) -> LossTerms:
+        """One loss evaluation; ``indices`` (int, ``(B,)``) and ``dropout_seed`` are optional
+        pre-drawn randomness (see the class docstring)."""
+        _check_inputs(x0, labels, noise)
+        x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
+        if noise is None:
+            noise = COUPLINGS[self.cfg.coupling](x0, _randn(x0.shape, generator, x0.device))
+        return self._terms(model, x0, noise.to(x0.dtype), step, labels, generator, indices, dropout_seed)
+
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed) -> LossTerms:
+        raise NotImplementedError
+
+
+class ConsistencyObjective(_Objective):
     """sLCT's consistency-training loss (iCT with mu = 0) plus the small-noise diffusion loss.
 
     Per call, for a batch ``x0`` of shape ``(B, ...)`` at training step ``step``:
@@ -229,37 +267,14 @@ class ConsistencyObjective:
     global batch from a per-step generator; the objective then draws nothing.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, total_steps: int):
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-        self.cfg = dataclasses.replace(cfg).validate()  # private copy: the caller's config is never touched
-        self.total_steps = total_steps
-        self.precond = Precond(self.cfg.sigma_data, self.cfg.sigma_min, kind="consistency")
+    precond_kind = "consistency"
 
-    def __call__(
-        self,
-        model: Callable[..., torch.Tensor],
-        x0: torch.Tensor,
-        step: int,
-        labels: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        indices: torch.Tensor | None = None,
-        dropout_seed: int | None = None,
-    ) -> LossTerms:
-        """One loss evaluation; ``indices`` (int, ``(B,)``, lower indices in ``[0, N - 2]``) and
-        ``dropout_seed`` are optional pre-drawn randomness (see the class docstring)."""
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed) -> LossTerms:
+        """``indices``: lower indices in ``[0, N - 2]``."""
         cfg = self.cfg
-        _check_inputs(x0, labels, noise)
         device, batch = x0.device, x0.shape[0]
-        x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1)
         c = c_schedule(cfg.c_schedule, n_scales, x0[0].numel(), cfg.s0, c0=cfg.c0)
-
-        if noise is None:
-            noise = COUPLINGS[cfg.coupling](x0, _randn(x0.shape, generator, device))
-        z = noise.to(x0.dtype)
 
         # indices, grid and weights stay on the CPU in float64: no device sync for the stats
         grid = dict(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
@@ -309,7 +324,7 @@ class ConsistencyObjective:
         return DIFFUSION_WEIGHTINGS[cfg.diffusion_weighting](sigma, cfg.sigma_data) * mse
 
 
-class EDMObjective:
+class EDMObjective(_Objective):
     """EDM's denoising loss, the paper's diffusion baseline with the same network (VE, [10]).
 
     ``sigma = exp(N(edm_p_mean, edm_p_std^2))`` per sample; ``total_i = (sigma^2 + sd^2) /
@@ -322,34 +337,13 @@ class EDMObjective:
     continuous).
     """
 
-    def __init__(self, cfg: ObjectiveConfig, total_steps: int):
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-        self.cfg = dataclasses.replace(cfg).validate()
-        self.total_steps = total_steps
-        self.precond = Precond(self.cfg.sigma_data, self.cfg.sigma_min, kind="edm")
+    precond_kind = "edm"
 
-    def __call__(
-        self,
-        model: Callable[..., torch.Tensor],
-        x0: torch.Tensor,
-        step: int,
-        labels: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        *,
-        indices: torch.Tensor | None = None,
-        dropout_seed: int | None = None,
-    ) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed) -> LossTerms:
         cfg = self.cfg
-        _check_inputs(x0, labels, noise)
         if indices is not None:
             raise ValueError("indices must be None for the EDM objective (it draws continuous sigmas)")
         device, batch = x0.device, x0.shape[0]
-        x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
-        if noise is None:
-            noise = COUPLINGS[cfg.coupling](x0, _randn(x0.shape, generator, device))
-        z = noise.to(x0.dtype)
         # Karras et al. 2022, Table 1: ln sigma ~ N(P_mean, P_std^2), lambda = (s^2 + sd^2) / (s sd)^2
         sigma = (_randn((batch,), generator, torch.device("cpu")).double() * cfg.edm_p_std + cfg.edm_p_mean).exp()
         weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
