@@ -13,9 +13,10 @@ Every stage is a plain `slct` command (printed before it runs), so each number c
           ``--curve-every`` steps; re-running continues where it stopped (``--minutes`` slices it);
 4. eval:  `slct eval` of the last snapshot on ``--n-eval`` samples (1 and 2 steps; ldm: its Heun sampler),
           and, for the ``--curves`` methods, of every earlier snapshot on ``--curve-n`` samples (FD vs step);
-5. report: ``benchmarks/results/ablation-utkface64.{json,md}``, the sample grids side by side and the curves.
+5. report: ``benchmarks/results/ablation-utkface64-STEPSsteps.{json,md}``, the sample grids side by side and the curves.
 
-Each stage skips what is already done. Runs live in ``--work`` (default /tmp/slct-ablation), outside the repo.
+Each stage skips what is already done. Runs live in ``--work``/runs/METHOD-STEPSsteps (default --work
+/tmp/slct-ablation), outside the repo.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def slct(*args: str) -> list[str]:
     return [sys.executable, "-m", "slct", *args]
 
 
+def run_dir(a, work: Path, method: str) -> Path:
+    """Runs of different lengths are different runs (the curriculum is a function of --steps)."""
+    return work / "runs" / f"{method}-{a.steps}steps"
+
+
 def snapshots(run: Path) -> list[Path]:
     return sorted(run.glob("snapshot-*.pt"))
 
@@ -81,7 +87,7 @@ def stage_ref(a, work: Path) -> Path:
 
 def stage_train(a, work: Path, data: Path, method: str) -> bool:
     """One method's run (or its next slice); True when it has reached --steps."""
-    run = work / "runs" / method
+    run = run_dir(a, work, method)
     if (run / f"snapshot-{a.steps:08d}.pt").exists():
         return True
     cmd = slct("train", "--preset", method, "--data-preset", "utkface64", "--data", str(data), "--out", str(run),
@@ -95,7 +101,7 @@ def stage_train(a, work: Path, data: Path, method: str) -> bool:
 
 
 def stage_eval(a, work: Path, ref: Path, method: str) -> None:
-    run = work / "runs" / method
+    run = run_dir(a, work, method)
     jobs = []  # (snapshot, n, is the table's row): every curve point at --curve-n, the last one also at --n-eval
     for snap in snapshots(run):
         final = step_of(snap) == a.steps
@@ -128,7 +134,7 @@ def training_time_s(run: Path) -> float:
 def collect(a, work: Path, methods: list[str]) -> list[dict]:
     rows = []
     for method in methods:
-        run = work / "runs" / method
+        run = run_dir(a, work, method)
         for path in sorted(run.glob("eval-*.json")):
             record = json.loads(path.read_text())
             step = int(path.stem.split("-")[1])
@@ -153,7 +159,7 @@ def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
 
     rows = []
     for method in methods:
-        snap_path = work / "runs" / method / f"snapshot-{a.steps:08d}.pt"
+        snap_path = run_dir(a, work, method) / f"snapshot-{a.steps:08d}.pt"
         if not snap_path.exists():
             continue
         snap = load_snapshot(snap_path)
@@ -209,7 +215,7 @@ def figure_curves(rows: list[dict], out: Path) -> None:
 def stage_report(a, work: Path, methods: list[str]) -> None:
     rows = collect(a, work, methods)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"ablation-utkface{a.resolution}"
+    stem = f"ablation-utkface{a.resolution}-{a.steps}steps"
     figure_grids(a, work, methods, RESULTS / f"{stem}-samples.png")
     figure_curves(rows, RESULTS / f"{stem}-curves.png")
     info = machine("cpu")
