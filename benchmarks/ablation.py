@@ -135,6 +135,7 @@ def collect(a, work: Path, methods: list[str]) -> list[dict]:
     rows = []
     for method in methods:
         run = run_dir(a, work, method)
+        train_s = training_time_s(run) if (run / "metrics.jsonl").exists() else None
         for path in sorted(run.glob("eval-*.json")):
             record = json.loads(path.read_text())
             step = int(path.stem.split("-")[1])
@@ -142,7 +143,7 @@ def collect(a, work: Path, methods: list[str]) -> list[dict]:
                 rows.append(dict(method=method, step=step, n=record["n"], nfe=r["nfe"], fd=r["fd"],
                                  precision=r.get("precision"), recall=r.get("recall"),
                                  final=step == a.steps and record["n"] == a.n_eval,
-                                 train_s=training_time_s(run) if (run / "metrics.jsonl").exists() else None,
+                                 train_s=train_s,
                                  eval_file=str(path)))
     return rows
 
@@ -196,12 +197,12 @@ def figure_curves(rows: list[dict], out: Path) -> None:
         if nfe == 2 and method != "ldm":
             continue
         mine = [r for r in rows if r["method"] == method and r["nfe"] == nfe]
-        # FD is biased upwards at small n: join only points with the same n, mark the final n separately
-        for n, style in ((min(r["n"] for r in mine), "-o"), (max(r["n"] for r in mine), "*")):
+        # FD is biased upwards at small n: a line joins the curve points (smallest n), a star marks the final n
+        n_curve, n_final = min(r["n"] for r in mine), max(r["n"] for r in mine)
+        for n, style in [(n_curve, "-o"), *([(n_final, "*")] if n_final != n_curve else [])]:
             pts = sorted((r["step"], r["fd"]) for r in mine if r["n"] == n)
-            if pts and (style == "-o" or n != min(r["n"] for r in mine)):
-                ax.plot(*zip(*pts), style, markersize=9 if style == "*" else 5,
-                        label=f"{method} ({nfe} NFE), n={n}", color=colors[method])
+            ax.plot(*zip(*pts), style, markersize=9 if style == "*" else 5, label=f"{method} ({nfe} NFE), n={n}",
+                    color=colors[method])
     ax.set_xlabel("training step")
     ax.set_ylabel("FD-MobileNetV2 (lower is better)")
     ax.set_yscale("log")

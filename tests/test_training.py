@@ -239,3 +239,22 @@ def test_periodic_evaluation_logs_fd_and_plots_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval_reference"):
         train(tiny_cfg("slct", 8, 16, "logging.eval_every_steps=4", "logging.eval_reference=missing.npz"),
               tmp_path / "other", progress=False)
+
+
+def test_pipeline_prefetch_auto_is_inline_on_cpu_and_batches_match_a_thread():
+    """prefetch -1 (auto) prepares batches inline on a CPU; the thread gives the same batches in the same order."""
+    from slct.pipeline import BatchPipeline
+    from slct.training import open_dataset
+
+    cfg = tiny_cfg()
+    dataset, cpu = open_dataset(cfg), torch.device("cpu")
+    auto, threaded = (BatchPipeline(dataset, cfg, 0, 1, 3, cpu, prefetch) for prefetch in (-1, 2))
+    try:
+        assert auto._queue is None and threaded._queue is not None
+        for _ in range(2):
+            a, b = next(auto), next(threaded)
+            assert a.step == b.step and torch.equal(a.x0, b.x0) and torch.equal(a.noise, b.noise)
+        assert a.step == 4
+    finally:
+        auto.close()
+        threaded.close()

@@ -90,10 +90,12 @@ def make_batch(dataset, global_indices: np.ndarray, step: int, cfg, rank: int, w
 
 
 class BatchPipeline:
-    """Iterator of device batches for steps start_step, start_step + 1, ...; ``prefetch`` > 0 uses a thread."""
+    """Iterator of device batches for steps start_step, start_step + 1, ...; ``prefetch`` > 0 uses a thread
+    holding that many batches, 0 prepares them inline, -1 (``train.prefetch_batches``'s auto) means 2 on a GPU
+    and 0 on a CPU, where the thread would only compete with the step for the same cores."""
 
     def __init__(self, dataset, cfg, rank: int, world_size: int, start_step: int, device: torch.device,
-                 prefetch: int = 2):
+                 prefetch: int = -1):
         from slct.data import InfiniteSampler
 
         self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
@@ -109,6 +111,8 @@ class BatchPipeline:
         self._pin = device.type == "cuda"
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        if prefetch < 0:
+            prefetch = 2 if device.type == "cuda" else 0
         if prefetch > 0:
             self._queue = queue.Queue(maxsize=prefetch)
             self._thread = threading.Thread(target=self._produce, daemon=True)

@@ -210,7 +210,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
     logger = _Logger(run_dir, cfg, dataset, dist.is_main, progress, start=state.step, total=total)
-    prefetch = cfg.train.prefetch_batches if cfg.train.prefetch_batches >= 0 else 2 * (device.type == "cuda")
+    prefetch = cfg.train.prefetch_batches
     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
     consecutive_bad, stopped_by = 0, "done"
     slice_start = time.time()
