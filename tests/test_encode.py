@@ -179,8 +179,11 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     # a shard written but not yet recorded when the process died is simply redone
     (tmp_path / "resumed" / "shard-00002.npy").write_bytes(b"partial")
+    stale = tmp_path / "resumed" / ".shard-00003.npy.tmp-4242"  # a write that kill -9 interrupted
+    stale.write_bytes(b"partial")
     source.stop_at = None
     resumed = _encode(source, tmp_path / "resumed", codec=NoisyIdentity(), shard_size=4)
+    assert not stale.exists()
     full = read_manifest(tmp_path / "full")
     assert {k: v for k, v in resumed.items() if k != "created"} == {k: v for k, v in full.items() if k != "created"}
     for name in ["labels.npy"] + [s["file"] for s in full["shards"]]:
@@ -273,3 +276,66 @@ def test_encode_utkface_with_taef2(tmp_path, shared_weights, utkface_zip):
                                                                                "weights_dir": str(shared_weights)}
     z = _latents(tmp_path / "faces")
     assert np.isfinite(z).all() and 0.5 < z.std() < 2
+
+
+def _pixels(out, name_order):
+    """Decoded uint8 images of an identity-codec dataset, keyed by source name (skipped ones absent)."""
+    x = np.round((_latents(out) + 1) * 127.5).astype(np.int64)
+    return dict(zip(name_order, x))
+
+
+def test_odd_images_are_converted_or_skipped_with_a_reason(tmp_path, capsys):
+    """16-bit grey, transparency, tiny images, other formats, animations: each converted right or skipped, and
+    every one listed in the manifest with its reason; the console prints counts per reason."""
+    from slct.cli import main
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    grey16 = np.full((16, 16), 126 * 257, np.uint16)  # mean 126/255 in 16 bits (was read as almost white)
+    Image.fromarray(grey16).save(folder / "a-grey16.png")
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 255  # red hidden under alpha 0 on the left half
+    rgba[:, 8:, 1], rgba[:, 8:, 3] = 200, 255  # opaque yellow on the right half
+    Image.fromarray(rgba, "RGBA").save(folder / "b-rgba.png")
+    la = np.stack([np.full((16, 16), 30, np.uint8), np.full((16, 16), 0, np.uint8)], -1)
+    Image.fromarray(la, "LA").save(folder / "c-la.png")  # fully transparent grey
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(folder / "d-tiny.png")
+    for ext in ("bmp", "tif", "ppm"):
+        Image.fromarray(np.full((16, 16, 3), 77, np.uint8)).save(folder / f"e-plain.{ext}")
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (40, 220)]
+    frames[0].save(folder / "f-anim.gif", save_all=True, append_images=frames[1:])
+    palette = Image.fromarray(np.zeros((16, 16), np.uint8), "P")
+    palette.putpalette([10, 20, 30] * 256)
+    palette.info["transparency"] = 0
+    palette.save(folder / "g-palette-transparent.png", transparency=0)
+    (folder / "h-notes.txt").write_text("not an image")
+
+    code = main(["encode", str(folder), "--out", str(tmp_path / "out"), "--codec", "identity", "--resolution", "8",
+                 "--workers", "0", "--no-progress"])
+    assert code == 0
+    console = capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    names = ["a-grey16.png", "b-rgba.png", "c-la.png", "e-plain.bmp", "e-plain.ppm", "e-plain.tif", "f-anim.gif",
+             "g-palette-transparent.png"]
+    assert manifest["count"] == len(names)  # .bmp, .tif, .ppm, .gif are read; the 1x1 image is not
+    px = _pixels(tmp_path / "out", names)
+    assert abs(px["a-grey16.png"].mean() - 126) <= 1
+    b = px["b-rgba.png"]
+    assert (b[:, :, :3] == 255).all()  # the transparent half is the white background, not the hidden red
+    assert (b[:, :, 6:] == [[[255]], [[200]], [[0]]]).all()  # the opaque half keeps its colour (away from the edge)
+    assert (px["c-la.png"] == 255).all() and (px["g-palette-transparent.png"] == 255).all()
+    assert (px["e-plain.bmp"] == 77).all() and (px["e-plain.tif"] == 77).all()
+    assert (px["f-anim.gif"] == 40).all()  # the first frame
+    assert [(s["name"], s["reason"]) for s in manifest["skipped"]] == [("d-tiny.png", "too-small")]
+    converted = {(c["name"], c["reason"]) for c in manifest["converted"]}
+    assert converted == {("a-grey16.png", "16-bit"), ("b-rgba.png", "alpha"), ("c-la.png", "alpha"),
+                         ("f-anim.gif", "first-frame"), ("g-palette-transparent.png", "alpha")}
+    assert manifest["converted_counts"] == {"16-bit": 1, "alpha": 3, "first-frame": 1}
+    assert manifest["ignored_files"] == {".txt": 1}
+    assert "skipped images: 1 (too-small 1)" in console
+    assert "converted images: 5 (16-bit 1, alpha 3, first-frame 1)" in console
+    assert "ignored 1 file(s) that are not images: .txt 1" in console
+
+    # the background and the minimum size are flags
+    black = _encode(folder, tmp_path / "black", alpha_background="black", min_size=0)
+    assert black["count"] == len(names) + 1 and not black["skipped"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -75,14 +76,16 @@ def load_latents(dataset, limit: int | None) -> np.ndarray:
     return dataset.raw(select_indices(len(dataset), limit)).astype(np.float64)
 
 
-def load_pixels(manifest: dict, limit: int | None, num_workers: int | None = None) -> np.ndarray:
+def load_pixels(manifest: dict, limit: int | None, num_workers: int | None = None,
+                progress: bool = False) -> np.ndarray:
     """The dataset's source images, prepared as for encoding, float64 (N, C, R, R) in [-1, 1].
 
-    ``limit`` images spread evenly over the images that were selected for encoding.
+    ``limit`` images spread evenly over the images that were selected for encoding (its split included).
     """
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
-    from slct.data.encode import _as_list, _Decoded, select_indices
+    from slct.data.encode import _as_list, _Decoded, select_indices, split_indices
     from slct.data.sources import open_source
 
     source = manifest["source"]
@@ -90,12 +93,18 @@ def load_pixels(manifest: dict, limit: int | None, num_workers: int | None = Non
         raise FileNotFoundError(f"the images of this dataset ({source['kind']} {source['path']}) are not readable "
                                 "here; pixel statistics need the original folder or .zip")
     src = open_source(source["path"], "none")
-    selected = select_indices(len(src), manifest["selection"]["limit"])
+    sel = manifest["selection"]
+    selected = split_indices(len(src), sel.get("holdout", 0), sel.get("split", "all"), sel["limit"])
     chosen = selected[select_indices(len(selected), limit)]
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-    data = _Decoded(src, chosen, manifest["image_resolution"], manifest["image_channels"], manifest["resample"])
-    images = [im for batch in DataLoader(data, batch_size=64, num_workers=workers, collate_fn=_as_list)
-              for _, im, _, reason in batch if reason is None]
+    options = manifest.get("image_options", {"alpha_background": "white", "min_size": 0})
+    data = _Decoded(src, chosen, manifest["image_resolution"], manifest["image_channels"], manifest["resample"],
+                    options["alpha_background"], options["min_size"])
+    images = []
+    with tqdm(total=len(chosen), desc="pixels: read images", unit="img", disable=not progress) as bar:
+        for batch in DataLoader(data, batch_size=64, num_workers=workers, collate_fn=_as_list):
+            images += [im for _, im, _, skip, _ in batch if skip is None]
+            bar.update(len(batch))
     return np.stack(images).astype(np.float64) / 127.5 - 1
 
 
@@ -105,7 +114,7 @@ def load_pixels(manifest: dict, limit: int | None, num_workers: int | None = Non
 
 @torch.no_grad()
 def temporal_differences(model: torch.nn.Module, x0: torch.Tensor, n_scales: int, generator: torch.Generator,
-                         batch_size: int = 64) -> torch.Tensor:
+                         batch_size: int = 64, progress: bool = False, desc: str = "TD") -> torch.Tensor:
     """TD = f(x0 + t_{i+1} z, t_{i+1}) - f(x0 + t_i z, t_i), one z and one i per sample (REFERENCE.md [2]).
 
     x0: (N, C, H, W) model data (normalised latents or pixels in [-1, 1]); i is drawn from iCT's
@@ -116,7 +125,9 @@ def temporal_differences(model: torch.nn.Module, x0: torch.Tensor, n_scales: int
     device = next(model.parameters()).device
     sigmas = karras_sigmas(n_scales).float()
     out = []
-    for start in range(0, len(x0), batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(x0), batch_size), desc=desc, unit="batch", disable=not progress):
         x = x0[start:start + batch_size].float()
         i = sample_timestep_indices(n_scales, len(x), generator=generator)
         z = torch.randn(x.shape, generator=generator)
@@ -139,12 +150,14 @@ def build_td_model(network: str | None, checkpoint: str | os.PathLike | None, la
     from slct.nn import build_network
     from slct.precond import Precond, PrecondModel
 
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint else None
-    if isinstance(payload, dict) and payload.get("format", "").startswith("slct-snapshot"):
+    from slct.checkpoint import load_untrusted
+
+    payload = load_untrusted(checkpoint, "slct snapshot, checkpoint or state dict") if checkpoint else None
+    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("slct-snapshot"):
         from slct.sampling import load_snapshot
         snap = load_snapshot(checkpoint)
         return snap.model.eval(), snap.normalizer
-    if isinstance(payload, dict) and payload.get("format", "").startswith("slct-checkpoint"):
+    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("slct-checkpoint"):
         from slct.config import config_from_dict
         from slct.data import Normalizer
         cfg = config_from_dict(payload["config"])
@@ -166,14 +179,10 @@ def build_td_model(network: str | None, checkpoint: str | os.PathLike | None, la
 
 def _fresh_network(preset: str, channels: int, resolution: int) -> torch.nn.Module:
     """The preset for data of another shape; attention stays at the same levels of the UNet (resolutions scaled)."""
-    from slct.nn import build_network, network_kwargs
+    from slct.nn import build_network, follow_resolution
 
-    _, defaults = network_kwargs(preset)
-    overrides: dict[str, Any] = {"in_channels": channels, "resolution": resolution}
-    if defaults.get("attn_resolutions") and defaults.get("resolution") != resolution:
-        factor = resolution / defaults["resolution"]
-        overrides["attn_resolutions"] = tuple(int(r * factor) for r in defaults["attn_resolutions"])
-    return build_network(preset, **overrides)
+    return build_network(preset, **follow_resolution(preset, resolution,
+                                                     {"in_channels": channels, "resolution": resolution}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,7 +254,8 @@ def format_table(report: dict) -> str:
 
 
 def _td_panels(spaces: dict[str, np.ndarray], manifest: dict, latent_shape: tuple[int, int, int],
-               network: str | None, checkpoint, n_scales: int, td_samples: int, seed: int, device: str):
+               network: str | None, checkpoint, n_scales: int, td_samples: int, seed: int, device: str,
+               progress: bool = False):
     """TD panels for the latents (model from ``build_td_model``) and, when loaded, the pixels (fresh ``network``)."""
     from slct.data import Normalizer
     from slct.data.encode import select_indices
@@ -260,7 +270,8 @@ def _td_panels(spaces: dict[str, np.ndarray], manifest: dict, latent_shape: tupl
             f, x0 = model, normalizer.normalize(x0)
         else:  # pixels in [-1, 1], as the model would see them
             f, _ = build_td_model(network or "unet-tiny", None, tuple(x.shape[1:]))
-        td = temporal_differences(f.to(device), x0, n_scales, generator).numpy()
+        td = temporal_differences(f.to(device), x0, n_scales, generator, progress=progress,
+                                  desc=f"{name}: temporal differences").numpy()
         panels[(name, "td")] = (td, channel_box_stats(td), f"{name[:-1]} TD, N = {n_scales}", "TD")
     info = {"network": network, "checkpoint": str(checkpoint) if checkpoint else None, "n_scales": n_scales,
             "samples": len(x0), "latent_normalization": normalizer.mode}
@@ -270,7 +281,7 @@ def _td_panels(spaces: dict[str, np.ndarray], manifest: dict, latent_shape: tupl
 def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: bool = False, limit: int | None = 4096,
             normalization: str = "per-channel", network: str | None = None, n_scales: int = 21,
             checkpoint: str | os.PathLike | None = None, td_samples: int = 256, seed: int = 0,
-            device: str = "cpu", num_workers: int | None = None) -> dict:
+            device: str = "cpu", num_workers: int | None = None, progress: bool = False) -> dict:
     """Analyse a latent dataset; writes ``analysis.png`` and ``analysis.json`` to ``out_dir`` and returns the report.
 
     Args:
@@ -291,9 +302,11 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
     latents = load_latents(dataset, limit)
     spaces = {"latents": latents}
     if pixels:
-        spaces = {"pixels": load_pixels(manifest, limit, num_workers), **spaces}
+        spaces = {"pixels": load_pixels(manifest, limit, num_workers, progress), **spaces}
     panels: dict[tuple[str, str], tuple] = {}
     for name, x in spaces.items():
+        if progress:
+            print(f"{name}: box statistics of {x.size:,} values", file=sys.stderr, flush=True)
         x = STANDARDIZE[normalization](x)
         title = f"{name} ({describe if name == 'latents' else str(manifest['image_resolution']) + ' px'})"
         panels[(name, "data")] = (x, channel_box_stats(x), title, unit)
@@ -301,7 +314,7 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
     td_info = None
     if network is not None or checkpoint is not None:
         td_panels, td_info = _td_panels(spaces, manifest, dataset.latent_shape, network, checkpoint, n_scales,
-                                        td_samples, seed, device)
+                                        td_samples, seed, device, progress)
         panels.update(td_panels)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,35 +1,100 @@
-"""Atomic checkpoint files: write to a temporary file, fsync, then rename over the final name.
+"""Safe, atomic files: checkpoints and snapshots are written to a temporary file, fsynced, then renamed into place,
+and read back without running any code from them.
 
-A crash, kill -9 or full disk at any moment leaves either the old set of checkpoints or the old set plus one complete
-new file, never a truncated one; older checkpoints are pruned only after the new one is in place.
+Writing: a crash, kill -9 or full disk at any moment leaves either the old set of files or the old set plus one
+complete new file, never a truncated one; older checkpoints are pruned only after the new one is in place. A failed
+write removes its temporary file and raises ``SaveError`` in one line (naming a full disk as such); temporary files
+left by a killed process are removed by ``remove_stale_temporaries`` when the next run starts.
+
+Reading: snapshots are the files people share and download, so ``load`` never unpickles arbitrary objects: it uses
+``torch.load(weights_only=True)``, which rebuilds tensors and plain containers (dict, list, tuple, str, numbers,
+None) and refuses everything else. slct writes nothing but those, so every file it wrote loads, and a file holding
+any other object (a pickle with a ``__reduce__`` payload, say) is refused in one line before anything in it runs.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
 import re
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 _CKPT = re.compile(r"^checkpoint-(\d{8})\.pt$")
+_TEMPORARY = re.compile(r"^\..+\.tmp-\d+$")  # what save_atomic writes before the rename
+CHECKPOINT_FORMAT = "slct-checkpoint-v1"
+SNAPSHOT_FORMAT = "slct-snapshot-v1"
+_LOW_SPACE_BYTES = 1 << 20  # less than this free after a failed write: the disk was full
 
 
-def save_atomic(obj, path: str | Path) -> Path:
+class SaveError(RuntimeError):
+    """A file could not be written; its temporary file is gone and the previous files are untouched."""
+
+    def __init__(self, message: str, disk_full: bool):
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+class UnsafeFileError(ValueError):
+    """A file that is not an slct file (or holds objects slct does not load); nothing in it was executed."""
+
+
+def _disk_full(error: BaseException, directory: Path) -> bool:
+    # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos", not as ENOSPC
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < _LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def atomic_write(path: str | Path, write: Callable, what: str | None = None) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, fsync, rename over ``path``; ``SaveError`` if it fails.
+
+    The temporary file is removed whatever happens (kill -9 aside: see ``remove_stale_temporaries``).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        full = _disk_full(e, path.parent)  # measured before the partial file is removed
         tmp.unlink(missing_ok=True)
-        hint = " (disk full)" if e.errno == errno.ENOSPC else ""
-        raise RuntimeError(f"could not write {path}{hint}: {e}; the previous checkpoints are untouched") from e
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: cleaned up, then on their way
+            raise
+        reason = f"no space left on {path.parent}" if full else f"{type(e).__name__}: {_first_line(e)}"
+        raise SaveError(f"{reason} while writing {what or path.name}", disk_full=full) from e
     return path
+
+
+def save_atomic(obj, path: str | Path, what: str | None = None) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), what)
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the temporary files of interrupted writes (``.NAME.tmp-PID``) in ``directory``; returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if p.is_file() and _TEMPORARY.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -54,11 +119,36 @@ def prune(run_dir: str | Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu"):
+    """Read a torch file without running code from it: tensors and plain containers only (``weights_only``).
+
+    Raises ``UnsafeFileError`` (one line) for anything else: a hostile or foreign pickle, a damaged file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no {what} at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a foreign or damaged file: say which
-        raise RuntimeError(f"{path} is not a readable slct checkpoint: {e}") from e
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: report it, never retry unrestricted
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = f" ({found.group(1)})" if found else ""
+        raise UnsafeFileError(f"{path} is not an {what}: it holds Python objects{detail} that slct does not load; "
+                              "nothing in it was run") from None
+    except Exception as e:  # truncated, not a torch file at all, ...
+        raise UnsafeFileError(f"{path} is not a readable {what} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, map_location="cpu") -> dict:
+    """An slct checkpoint or snapshot (``expect``: the accepted ``format`` values), loaded safely."""
+    expect = (expect,) if isinstance(expect, str) else tuple(expect)
+    what = "slct snapshot" if expect == (SNAPSHOT_FORMAT,) else "slct checkpoint"
+    payload = load_untrusted(path, what, map_location)
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found not in expect:
+        hint = ""
+        if found == SNAPSHOT_FORMAT:
+            hint = " (it is a snapshot, for sampling; training resumes from checkpoints/checkpoint-*.pt)"
+        elif found == CHECKPOINT_FORMAT:
+            hint = " (it is a training checkpoint; sampling reads the run's snapshot-*.pt files)"
+        raise UnsafeFileError(f"{path} is not an {what}{hint}")
+    return payload

@@ -21,7 +21,10 @@ COMMANDS: dict[str, str] = {
     "train": "slct.commands.train",
     "sample": "slct.commands.sample",
     "eval": "slct.commands.eval",
+    "eval-ref": "slct.commands.eval_ref",  # typed `slct eval ref` (see ALIASES)
 }
+# leading words -> command: `slct eval ref` is its own command, not an argparse sub-command of `slct eval`
+ALIASES: dict[tuple[str, ...], str] = {("eval", "ref"): "eval-ref"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != module_name:  # a real import error inside the command: surface it
                 raise
             continue  # command not shipped in this build
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, prog=getattr(module, "PROG", None),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _prog=p.prog)
     return parser
 
 
@@ -59,6 +62,10 @@ def _quiet_openmp() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_openmp()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words, command in ALIASES.items():
+        if tuple(argv[:len(words)]) == words:
+            argv = [command, *argv[len(words):]]
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
@@ -68,12 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         # user-facing errors: one clear line, no traceback (set SLCT_TRACEBACK=1 to see it)
         if os.environ.get("SLCT_TRACEBACK"):
             raise
-        print(f"slct {args.command}: error: {e}", file=sys.stderr)
+        print(f"{args._prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+MAX_ERROR_CHARS = 600
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line of bounded length: the first line of its message (a library's multi-line or
+    array-sized message must not flood the terminal; SLCT_TRACEBACK=1 shows all of it)."""
+    text = str(error).strip() or type(error).__name__
+    first = text.splitlines()[0]
+    if isinstance(error, OSError) and error.filename and str(error.filename) not in first:
+        first = f"{first}: {error.filename}"
+    if len(first) > MAX_ERROR_CHARS or first != text:
+        first = first[:MAX_ERROR_CHARS].rstrip() + " ... (SLCT_TRACEBACK=1 shows the rest)"
+    return first
 
 
 if __name__ == "__main__":

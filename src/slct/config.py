@@ -91,6 +91,7 @@ class TrainConfig:
     prefetch_batches: int = -1
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     rollback_lr_factor: float = 0.5  # the LR is multiplied by this at each rollback
+    max_rollbacks: int = 3  # rollbacks before a run whose steps stay non-finite stops (one line: step, last loss, hints)
 
 
 @dataclass
@@ -148,6 +149,9 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.train.max_rollbacks < 0 or not 0 < self.train.rollback_lr_factor <= 1:
+            raise ValueError(f"train.max_rollbacks must be >= 0 and train.rollback_lr_factor in (0, 1], got "
+                             f"{self.train.max_rollbacks} and {self.train.rollback_lr_factor}")
         if self.logging.eval_every_steps < 0 or self.logging.eval_n < 2:
             raise ValueError("logging.eval_every_steps must be >= 0 and logging.eval_n >= 2")
         if self.logging.eval_every_steps and not self.logging.eval_reference:

@@ -20,6 +20,9 @@ def network_kwargs(cfg, latent_shape: tuple[int, ...], num_classes: int) -> dict
                              f"{tuple(latent_shape)} (needs {key}={wanted})")
         kwargs[key] = wanted
     kwargs["label_dim"] = num_classes
+    from slct.nn import follow_resolution
+
+    kwargs = follow_resolution(net.name, height, kwargs)  # attention at the same UNet levels on other latent sizes
     for key in ("block_norm", "out_norm", "dropout", "label_dropout"):
         value = getattr(net, key)
         if value is not None:
@@ -31,7 +34,13 @@ def build_model(cfg, latent_shape: tuple[int, ...], num_classes: int = 0) -> Pre
     """Backbone (noise-schedule agnostic) wrapped by the preconditioner of the objective's kind (REFERENCE [1])."""
     from slct.nn import build_network
 
-    backbone = build_network(cfg.network.name, **network_kwargs(cfg, latent_shape, num_classes))
+    kwargs = network_kwargs(cfg, latent_shape, num_classes)
+    try:
+        backbone = build_network(cfg.network.name, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"network {cfg.network.name!r} does not fit latents of shape {tuple(latent_shape)}: {e}; "
+                         "change it with --set network.options.KEY=VALUE (e.g. channel_mult, attn_resolutions) "
+                         "or choose another --network") from None
     obj = cfg.objective
     precond = Precond(sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind)
     return PrecondModel(backbone, precond)

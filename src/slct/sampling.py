@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from slct import __version__
+from slct import __version__, checkpoint
+from slct.checkpoint import SNAPSHOT_FORMAT
 from slct.sigmas import karras_sigmas
-
-SNAPSHOT_FORMAT = "slct-snapshot-v1"
 
 
 def noise_for_seeds(seeds, shape: tuple[int, ...], count: int = 1, device=None) -> list[torch.Tensor]:
@@ -117,12 +116,17 @@ def default_nfe(objective_cfg, sampling_cfg) -> list[int]:
 
 
 def snapshot_payload(cfg, model_state_by_decay: dict, network_kwargs: dict, codec_spec: dict, normalizer: dict,
-                     latent_shape, num_classes: int, step: int, nimg: int) -> dict:
+                     latent_shape, num_classes: int, step: int, nimg: int, data_source: dict | None = None) -> dict:
+    """Tensors and plain values only: snapshots load with ``weights_only=True`` (see ``slct.checkpoint``).
+
+    ``data_source``: which images the run trained on (the dataset manifest's source and selection), so an
+    evaluation can refuse a "held-out" reference that overlaps them.
+    """
     return {
         "format": SNAPSHOT_FORMAT, "slct_version": __version__, "config": cfg.to_dict(),
         "network_kwargs": network_kwargs, "ema": {str(k): v for k, v in model_state_by_decay.items()},
         "codec": codec_spec, "normalizer": normalizer, "latent_shape": list(latent_shape),
-        "num_classes": num_classes, "step": step, "nimg": nimg,
+        "num_classes": num_classes, "step": step, "nimg": nimg, "data_source": data_source,
     }
 
 
@@ -152,6 +156,7 @@ class Snapshot:
     ema_decay: float
     device: torch.device
     _codec: object = None
+    data_source: dict | None = None  # the training images (dataset manifest's source and selection), if recorded
 
     @property
     def codec(self):
@@ -186,9 +191,7 @@ def load_snapshot(path: str | Path, device="cpu", ema: float | None = None) -> S
     from slct.precond import Precond, PrecondModel
 
     path = find_snapshot(path)
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != SNAPSHOT_FORMAT:
-        raise ValueError(f"{path} is not an slct snapshot (a training checkpoint? use the snapshot-*.pt files)")
+    payload = checkpoint.load(path, expect=SNAPSHOT_FORMAT)  # never runs code from the file
     cfg = config_from_dict(payload["config"])
     decays = sorted(float(k) for k in payload["ema"])
     decay = decays[-1] if ema is None else float(ema)
@@ -201,7 +204,8 @@ def load_snapshot(path: str | Path, device="cpu", ema: float | None = None) -> S
     device = torch.device(device)
     model.to(device).eval()
     return Snapshot(path, model, cfg, payload["codec"], Normalizer.from_dict(payload["normalizer"]).to(device),
-                    tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["step"]), decay, device)
+                    tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["step"]), decay, device,
+                    data_source=payload.get("data_source"))
 
 
 def file_sha256(path: str | Path) -> str:

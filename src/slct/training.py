@@ -12,7 +12,9 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from slct.pipeline import BatchPipeline, step_seed
 
 # config sections a resumed run may change: they do not alter the training trajectory
 RESUMABLE_CHANGES = ("logging.", "checkpoint.", "train.device", "train.compile", "train.tf32", "train.prefetch_batches",
-                     "data.path", "preset")
+                     "train.max_rollbacks", "data.path", "preset")
 
 
 @dataclass
@@ -93,13 +95,20 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """The global RNG states as tensors and plain values only, so checkpoints load with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -140,16 +149,51 @@ def _grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.stack(norms)).all()
 
 
+def _all_finite(tensors) -> bool:
+    """Whether every floating-point tensor in ``tensors`` is finite (one fused norm per device)."""
+    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    return bool(torch.isfinite(torch.stack([n.float().cpu() for n in torch._foreach_norm(floats)])).all())
+
+
+def _state_finite(model, optimizer, ema) -> bool:
+    """Weights, optimizer moments and EMAs all finite: the condition for writing a checkpoint."""
+    moments = [v for st in optimizer.state.values() for v in st.values()]
+    shadows = [v for shadow in ema.shadows for v in shadow.values()]
+    return _all_finite([*model.state_dict().values(), *moments, *shadows])
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite steps continued after train.max_rollbacks rollbacks; the run stopped (its checkpoints are finite)."""
+
+
+@dataclass
+class _Health:
+    """Non-finite step bookkeeping of one train() call (the totals live in TrainState)."""
+
+    consecutive_bad: int = 0
+    last_finite_loss: float = float("nan")
+    last_finite_step: int = -1
+    checkpoint_due: bool = False  # a periodic checkpoint fell inside a streak of bad steps: write it at the next good one
+
+
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: int | None = None,
-          max_minutes: float | None = None, progress: bool = True, loss_hook=None) -> TrainResult:
+          max_minutes: float | None = None, progress: bool | str = True, loss_hook=None) -> TrainResult:
     """Train ``cfg`` in ``run_dir``; stop at ``until_step`` / after ``max_minutes`` (with a checkpoint) to train in slices.
 
-    ``loss_hook(step, loss) -> loss`` may replace the loss tensor (fault-injection tests, custom regularisers).
+    ``progress``: "bar" (True), "lines" (a plain line per logging interval and a final line, for logs and
+    ``--no-progress``) or "none" (False). ``loss_hook(step, loss) -> loss`` may replace the loss tensor
+    (fault-injection tests, custom regularisers). Raises ``TrainingDiverged`` when non-finite steps persist after
+    ``train.max_rollbacks`` rollbacks.
     """
     cfg.validate()
     if cfg.logging.eval_every_steps and not Path(cfg.logging.eval_reference).is_file():
         raise FileNotFoundError(f"logging.eval_reference {cfg.logging.eval_reference!r} does not exist "
                                 "(make it with `slct eval ref SOURCE --extractor NAME --out FILE.npz`)")
+    progress = {True: "bar", False: "none"}.get(progress, progress)
+    if progress not in ("bar", "lines", "none"):
+        raise ValueError(f"progress must be 'bar', 'lines' or 'none', got {progress!r}")
     t_start = time.time()
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
@@ -161,10 +205,19 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, dist.is_main)
 
+    # everything that can fail on bad input happens before the run directory is created
     dataset = open_dataset(cfg)
     latent_shape = tuple(dataset.latent_shape)
+    if cfg.train.batch_size > len(dataset):
+        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) is larger than the dataset ({len(dataset)} "
+                         f"latents in {cfg.data.path}): every batch would repeat samples; use --batch "
+                         f"{len(dataset)} or less, or encode more images")
+    if cfg.logging.eval_every_steps:  # a "held-out" reference must not hold training images
+        from slct.eval.reference import check_held_out, load_reference
+
+        check_held_out({k: dataset.manifest.get(k) for k in ("source", "selection")},
+                       load_reference(cfg.logging.eval_reference).manifest, cfg.logging.eval_reference)
     num_classes = int(dataset.num_classes) if cfg.data.conditional else 0
     if cfg.data.conditional and num_classes == 0:
         raise ValueError(f"data.conditional is set but the dataset {cfg.data.path} has no labels")
@@ -180,23 +233,25 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     objective = build_objective(cfg.objective, cfg.train.total_steps)
     state = TrainState()
     meta = {"codec": dataset.codec_spec, "normalizer": dataset.normalizer.to_dict(), "latent_shape": list(latent_shape),
-            "num_classes": num_classes, "network_kwargs": net_kwargs}
-
+            "num_classes": num_classes, "network_kwargs": net_kwargs,
+            "data_source": {k: dataset.manifest.get(k) for k in ("source", "selection", "image_resolution")}}
     ckpt_path = _resume_path(run_dir, resume)
-    if ckpt_path is not None:
-        _load_checkpoint(ckpt_path, cfg, meta, model, optimizer, ema, state)
-    elif dist.world_size > 1:  # identical initial weights everywhere
-        for t in model.state_dict().values():
-            torch.distributed.broadcast(t, src=0)
-        ema = EMA(model, cfg.train.ema_decays)
 
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / "run.json").write_text(json.dumps({
-            "slct_version": __version__, "parameters": count_parameters(model), "data_size": len(dataset),
-            "world_size": dist.world_size, "device": str(device), **meta}, indent=2, default=str))
-    if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
-        _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist)
+    with _removed_if_start_fails(run_dir, dist.is_main):
+        _prepare_run_dir(run_dir, dist.is_main)
+        if ckpt_path is not None:
+            _load_checkpoint(ckpt_path, cfg, meta, model, optimizer, ema, state)
+        elif dist.world_size > 1:  # identical initial weights everywhere
+            for t in model.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
+            ema = EMA(model, cfg.train.ema_decays)
+        if dist.is_main:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (run_dir / "run.json").write_text(json.dumps({
+                "slct_version": __version__, "parameters": count_parameters(model), "data_size": len(dataset),
+                "world_size": dist.world_size, "device": str(device), **meta}, indent=2, default=str))
+        if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
+            _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist)
 
     train_model = model
     if cfg.train.compile:
@@ -212,7 +267,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     logger = _Logger(run_dir, cfg, dataset, dist.is_main, progress, start=state.step, total=total)
     prefetch = cfg.train.prefetch_batches
     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
-    consecutive_bad, stopped_by = 0, "done"
+    health, stopped_by, diverged = _Health(), "done", None
     slice_start = time.time()
     try:
         with _StopSignals() as signals:
@@ -234,7 +289,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                             loss = loss_hook(state.step, loss)
                         (loss / len(micro)).backward()
                     logger.accumulate(terms, loss, batch.ot_seconds / len(micro))
-                finite = bool((torch.isfinite(loss.detach()) & _grads_finite(params)).item())
+                loss_value, grads_ok = torch.stack([loss.detach().float().cpu(),
+                                                    _grads_finite(params).float().cpu()]).tolist()  # one sync
+                finite = math.isfinite(loss_value) and grads_ok == 1.0
                 in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
                 # one all-reduce agrees on all three, so every rank takes the same branch below
                 ok, go_on, in_time = distributed.all_true([finite, signals.received is None, in_time], device)
@@ -243,24 +300,32 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                     optimizer.step()
                     ema.update(model)
-                    consecutive_bad = 0
+                    health.consecutive_bad = 0
+                    health.last_finite_loss, health.last_finite_step = loss_value, state.step
                 else:  # skipped on every rank alike (the flag was all-reduced)
                     optimizer.zero_grad(set_to_none=True)
                     state.bad_steps += 1
-                    consecutive_bad += 1
+                    health.consecutive_bad += 1
                 state.step += 1
                 state.nimg += cfg.train.batch_size
                 logger.step(state, lr, ok)
-                if not ok and consecutive_bad >= cfg.train.max_bad_steps:
+                if not ok and health.consecutive_bad >= cfg.train.max_bad_steps:
+                    if state.rollbacks >= cfg.train.max_rollbacks:
+                        diverged = _divergence_message(run_dir, cfg, state, health, lr)
+                        logger.event(diverged, state.step, echo=False)  # the caller reports it
+                        stopped_by = "diverged"
+                        break
                     pipeline.close()
                     _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger)
-                    consecutive_bad = 0
+                    health.consecutive_bad, health.checkpoint_due = 0, False
                     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
                     continue
                 out_of_time = not in_time
                 stopping = (not go_on) or out_of_time or state.step >= stop_step
-                if stopping or state.step % cfg.checkpoint.every_steps == 0:
-                    _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist)
+                health.checkpoint_due |= stopping or state.step % cfg.checkpoint.every_steps == 0
+                if health.checkpoint_due and ok:  # never inside a streak of non-finite steps
+                    health.checkpoint_due = not _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state,
+                                                                 dist, logger)
                 if dist.is_main and (state.step % cfg.checkpoint.snapshot_every_steps == 0 or state.step == total):
                     _save_snapshot(run_dir, cfg, meta, ema, state)
                 every = cfg.logging.sample_every_steps
@@ -269,6 +334,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                 every = cfg.logging.eval_every_steps
                 if dist.is_main and every and (state.step % every == 0 or state.step == total):
                     logger.evaluate(model, ema, state.step, latent_shape)
+                if stopping and health.checkpoint_due:
+                    logger.event(f"stopped at step {state.step} inside a streak of non-finite steps: no checkpoint "
+                                 "written; resuming replays from the newest one", state.step)
                 if not go_on:
                     stopped_by = "signal"
                     break
@@ -284,15 +352,40 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     if dist.is_main:
         files = logger.finish(state.step >= total)
     distributed.barrier()
-    if dist.is_main and progress:
+    if diverged:
+        raise TrainingDiverged(diverged)
+    if dist.is_main and progress != "none":
         verb = "finished" if state.step >= total else f"stopped ({stopped_by}) at step {state.step}/{total}"
         print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
               + ("" if state.step >= total else "\nre-run the same command to resume"))
     return TrainResult(run_dir, state, state.step >= total, stopped_by, files)
 
 
+def _divergence_message(run_dir, cfg, state, health, lr) -> str:
+    newest = checkpoint.latest_checkpoint(run_dir)
+    last = (f"last finite loss {health.last_finite_loss:.4g} at step {health.last_finite_step}"
+            if health.last_finite_step >= 0 else "no finite loss since the last rollback")
+    return (f"training diverged: {health.consecutive_bad} consecutive non-finite steps up to step {state.step} after "
+            f"{state.rollbacks} rollback(s) ({last}); the newest good checkpoint is "
+            f"{newest.name if newest else 'none'}. Start a new run (another --out) with a lower optim.lr (the last "
+            f"one used was {lr:.3g}), optim.grad_clip=1.0 or train.precision=fp32; or resume with more "
+            f"train.max_rollbacks (now {cfg.train.max_rollbacks})")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # run directory, checkpoints, snapshots
+
+
+@contextlib.contextmanager
+def _removed_if_start_fails(run_dir: Path, is_main: bool):
+    """A run directory this start created is removed again if the start fails (no empty run folders)."""
+    created = is_main and not run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if created and not checkpoint.list_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _prepare_run_dir(run_dir: Path, is_main: bool) -> None:
@@ -303,6 +396,10 @@ def _prepare_run_dir(run_dir: Path, is_main: bool) -> None:
             raise PermissionError(f"cannot create the run directory {run_dir}: {e}") from e
         if not os.access(run_dir, os.W_OK):
             raise PermissionError(f"the run directory {run_dir} is not writable")
+        # temporary files of writes a kill -9 interrupted: nothing refers to them
+        for stale in checkpoint.remove_stale_temporaries(run_dir / "checkpoints") \
+                + checkpoint.remove_stale_temporaries(run_dir):
+            print(f"removed {stale} (left by an interrupted write)", file=sys.stderr)
     distributed.barrier()
 
 
@@ -320,29 +417,51 @@ def _resume_path(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist) -> None:
+def _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist, logger=None) -> bool:
+    """Write the training state if all of it is finite (else log why not); True when written.
+
+    Every rank takes the same branch: the finiteness flag is all-reduced before any collective.
+    """
+    (finite,) = distributed.all_true([_state_finite(model, optimizer, ema)], next(model.parameters()).device)
+    if not finite:
+        if logger is not None:
+            logger.event(f"checkpoint at step {state.step} not written: the weights or optimizer state hold "
+                         "non-finite values", state.step)
+        return False
     payload = {
-        "format": "slct-checkpoint-v1", "slct_version": __version__, "config": cfg.to_dict(), **meta,
+        "format": checkpoint.CHECKPOINT_FORMAT, "slct_version": __version__, "config": cfg.to_dict(), **meta,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
         "state": state.to_dict(), "rng": distributed.gather_objects(_rng_state()),
     }
+    error, disk_full = None, False
     if dist.is_main:
-        checkpoint.save_atomic(payload, checkpoint.checkpoint_path(run_dir, state.step))
-        checkpoint.prune(run_dir, cfg.checkpoint.keep)
-    distributed.barrier()
+        path = checkpoint.checkpoint_path(run_dir, state.step)
+        try:
+            checkpoint.save_atomic(payload, path, what=f"checkpoint {state.step}")
+            checkpoint.prune(run_dir, cfg.checkpoint.keep)
+        except checkpoint.SaveError as e:
+            newest = checkpoint.latest_checkpoint(run_dir)
+            error = f"{e}; the newest good checkpoint is {newest.name if newest else 'none'}"
+            if e.disk_full:
+                error += " (free some space, then re-run the same command to resume from it)"
+            disk_full = e.disk_full
+    (saved,) = distributed.all_true([error is None], next(model.parameters()).device)  # all ranks stop together
+    if not saved:
+        raise checkpoint.SaveError(error or f"rank 0 could not write checkpoint {state.step}", disk_full=disk_full)
+    return True
 
 
 def _load_checkpoint(path, cfg, meta, model, optimizer, ema, state) -> None:
-    ckpt = checkpoint.load(path)
-    if ckpt.get("format") != "slct-checkpoint-v1":
-        raise ValueError(f"{path} is not an slct training checkpoint")
+    ckpt = checkpoint.load(path, expect=checkpoint.CHECKPOINT_FORMAT)  # never runs code from the file
     diffs = config_differences(ckpt["config"], cfg.to_dict())
     if diffs:
         raise ValueError(f"{path} was written by a run with another config ({'; '.join(diffs)}); re-run with the "
                          "same settings to resume, or use another --out for a new run")
     for key, what in (("codec", "codec"), ("normalizer", "normalisation"), ("latent_shape", "latent shape")):
-        if ckpt[key] != meta[key]:
-            raise ValueError(f"the data's {what} differs from the checkpoint's ({path}): {ckpt[key]} vs {meta[key]}")
+        if ckpt.get(key) != meta[key]:
+            raise ValueError(f"the data's {what} differs from the checkpoint's ({path}): "
+                             f"{describe_difference(ckpt.get(key), meta[key])}; resume with the data the run "
+                             "started with, or use another --out for a new run")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     ema.load_state_dict(ckpt["ema"])
@@ -354,14 +473,39 @@ def _load_checkpoint(path, cfg, meta, model, optimizer, ema, state) -> None:
         _set_rng_state(rngs[rank])
 
 
+def describe_difference(saved, current, where: str = "") -> str:
+    """Where two JSON-like values first differ, in one short phrase (never whole arrays)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            if saved.get(key) != current.get(key):
+                return describe_difference(saved.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+    label = f"{where}: " if where else ""
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        try:
+            a, b = np.asarray(saved, dtype=np.float64), np.asarray(current, dtype=np.float64)
+        except (TypeError, ValueError):
+            a = b = None
+        if a is not None and a.shape != b.shape:
+            return f"{label}shape {a.shape} vs {b.shape}"
+        if a is not None:
+            diff = np.abs(a - b)
+            first = np.unravel_index(int(np.argmax(diff != 0)), a.shape) if a.ndim else ()
+            return (f"{label}{int((diff != 0).sum())} of {a.size} values differ (largest difference "
+                    f"{float(diff.max()):.4g}; first at {list(map(int, first))}: {a[first]:.6g} vs {b[first]:.6g})")
+    text = lambda v: (r if len(r := repr(v)) <= 60 else r[:57] + "...")  # noqa: E731
+    return f"{label}{text(saved)} vs {text(current)}"
+
+
 def _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger) -> None:
     path = checkpoint.latest_checkpoint(run_dir)
-    bad, rollbacks, lr_scale = state.bad_steps, state.rollbacks, state.lr_scale
+    bad, rollbacks, lr_scale, at = state.bad_steps, state.rollbacks, state.lr_scale, state.step
     _load_checkpoint(path, cfg, meta, model, optimizer, ema, state)
     state.bad_steps, state.rollbacks = bad, rollbacks + 1
     state.lr_scale = lr_scale * cfg.train.rollback_lr_factor
-    logger.event(f"{cfg.train.max_bad_steps} consecutive non-finite steps: restored {path.name} (step {state.step}) "
-                 f"and lowered the learning rate to {state.lr_scale:g} x optim.lr")
+    logger.rewind(state)
+    logger.event(f"{cfg.train.max_bad_steps} consecutive non-finite steps up to step {at}: restored {path.name} "
+                 f"(step {state.step}) and lowered the learning rate to {state.lr_scale:g} x optim.lr "
+                 f"(rollback {state.rollbacks} of at most {cfg.train.max_rollbacks})", at)
 
 
 def _save_snapshot(run_dir, cfg, meta, ema, state) -> Path:
@@ -369,8 +513,10 @@ def _save_snapshot(run_dir, cfg, meta, ema, state) -> Path:
 
     weights = {d: ema.weights(d) for d in ema.decays}
     payload = snapshot_payload(cfg, weights, meta["network_kwargs"], meta["codec"], meta["normalizer"],
-                               meta["latent_shape"], meta["num_classes"], state.step, state.nimg)
-    return checkpoint.save_atomic(payload, Path(run_dir) / f"snapshot-{state.step:08d}.pt")
+                               meta["latent_shape"], meta["num_classes"], state.step, state.nimg,
+                               data_source=meta.get("data_source"))
+    path = Path(run_dir) / f"snapshot-{state.step:08d}.pt"
+    return checkpoint.save_atomic(payload, path, what=f"snapshot {state.step}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,13 +528,13 @@ class _Logger:
 
     KEYS = ("loss", "consistency", "diffusion")
 
-    def __init__(self, run_dir: Path, cfg: Config, dataset, active: bool, progress: bool, start: int, total: int):
-        self.run_dir, self.cfg, self.active = run_dir, cfg, active
+    def __init__(self, run_dir: Path, cfg: Config, dataset, active: bool, progress: str, start: int, total: int):
+        self.run_dir, self.cfg, self.active, self.progress, self.total = run_dir, cfg, active, progress, total
         self.sums: dict[str, float] = {}
-        self.count = 0
+        self.count = 0  # micro-batches accumulated since the last log line
+        self.steps = 0  # optimizer steps since the last log line
         self.ot_seconds = 0.0
         self.t_last = time.time()
-        self.n_last = 0
         self.stats: dict = {}
         self.bar = None
         self.tb = None
@@ -396,8 +542,11 @@ class _Logger:
         self._dataset, self._decode = dataset, None  # the codec for sample grids and evaluation, built once
         if not active:
             return
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
-        if progress:
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            trim_metrics(path, start)  # rows past the checkpoint we resume from are replayed: keep no doubles
+        self.metrics = open(path, "a")
+        if progress == "bar":
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")
@@ -418,6 +567,7 @@ class _Logger:
         self.count += 1
 
     def step(self, state: TrainState, lr: float, ok: bool) -> None:
+        self.steps += 1
         if self.bar is not None:
             self.bar.update(1)
         every = self.cfg.logging.log_every_steps
@@ -426,14 +576,14 @@ class _Logger:
         means = distributed.all_mean(torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float32)
                                                   for k in self.KEYS]).cpu() / max(self.count, 1))
         now = time.time()
-        n_images = (state.nimg - self.n_last) if self.n_last else self.count * self.cfg.train.batch_size
         seconds = max(now - self.t_last, 1e-9)
+        steps = max(self.steps, 1)
         record = {"step": state.step, "nimg": state.nimg, **{k: float(v) for k, v in zip(self.KEYS, means)},
                   **{k: float(v) for k, v in self.stats.items()}, "lr": lr,
-                  "images_per_s": n_images / seconds, "sec_per_step": seconds / max(self.count, 1),
+                  "images_per_s": steps * self.cfg.train.batch_size / seconds, "sec_per_step": seconds / steps,
                   "ot_share": self.ot_seconds / seconds, "bad_steps": state.bad_steps, "time": now}
         state.wall_seconds += seconds
-        self.sums, self.count, self.ot_seconds, self.t_last, self.n_last = {}, 0, 0.0, now, state.nimg
+        self.sums, self.count, self.steps, self.ot_seconds, self.t_last = {}, 0, 0, 0.0, now
         if not self.active:
             return
         self.metrics.write(json.dumps(record) + "\n")
@@ -441,16 +591,29 @@ class _Logger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4g}", N=int(record.get("n_scales", 0)),
                                  c=f"{record.get('c', 0):.3g}", img_s=f"{record['images_per_s']:.0f}")
+        elif self.progress == "lines":
+            extra = "".join(f" {k} {record[v]:.4g}" for k, v in (("N", "n_scales"), ("c", "c")) if v in record)
+            print(f"step {state.step}/{self.total} loss {record['loss']:.4g}{extra} "
+                  f"{record['images_per_s']:.0f} img/s", flush=True)
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "time"):
                     self.tb.add_scalar(k, v, state.step)
 
-    def event(self, message: str) -> None:
+    def rewind(self, state: TrainState) -> None:
+        """After a rollback: the bar and the throughput window restart from the restored step."""
+        self.sums, self.count, self.steps, self.ot_seconds, self.t_last = {}, 0, 0, 0.0, time.time()
+        if self.bar is not None:
+            self.bar.n = state.step
+            self.bar.refresh()
+
+    def event(self, message: str, step: int | None = None, echo: bool = True) -> None:
+        """A line in metrics.jsonl (and on the console unless progress is "none" or ``echo`` is False)."""
         if self.active:
-            self.metrics.write(json.dumps({"event": message, "time": time.time()}) + "\n")
+            self.metrics.write(json.dumps({"event": message, "event_step": step, "time": time.time()}) + "\n")
             self.metrics.flush()
-            (self.bar.write if self.bar is not None else print)(message)
+            if echo and self.progress != "none":
+                (self.bar.write if self.bar is not None else print)(message)
 
     @contextlib.contextmanager
     def _ema_model(self, model, ema):
@@ -525,10 +688,38 @@ class _Logger:
         return files
 
 
+def _row_step(row: dict) -> int | None:
+    for key in ("step", "eval_step", "event_step"):
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the rows of ``path`` logged after ``step`` (a resume replays them); returns how many were dropped."""
+    kept, dropped = [], 0
+    for line in open(path):
+        if not line.strip():
+            continue
+        try:
+            at = _row_step(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by kill -9
+            dropped += 1
+            continue
+        if at is not None and at > step:
+            dropped += 1
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        checkpoint.atomic_write(path, lambda f: f.write("".join(kept).encode()), what=f"trimmed {path.name}")
+    return dropped
+
+
 def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     """Loss terms, c and N against the step, one PNG."""
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    rows = [r for r in rows if "step" in r]
+    rows = list({r["step"]: r for r in rows if "step" in r}.values())  # after a rollback the latest row of a step wins
+    rows.sort(key=lambda r: r["step"])
     if not rows:
         return None
     import matplotlib

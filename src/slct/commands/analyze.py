@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the TD noise and timesteps")
     p.add_argument("--device", default="cpu", help="device for the TD network")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes for --pixels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     report = analyze(args.data_dir, out, pixels=args.pixels, limit=args.limit or None,
                      normalization=args.normalization, network=args.network, n_scales=args.n_scales,
                      checkpoint=args.checkpoint, td_samples=args.td_samples, seed=args.seed, device=args.device,
-                     num_workers=args.workers)
+                     num_workers=args.workers, progress=not args.no_progress)
     unit = "standard deviations" if args.normalization != "none" else "raw values"
     print(f"{report['dataset']}: {report['codec_id']}, {report['image_resolution']} px, data in {unit} "
           f"({args.normalization}); fences at {report['fences_iqr']['inner']} and {report['fences_iqr']['outer']} IQR")

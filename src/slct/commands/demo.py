@@ -49,13 +49,20 @@ def run(args) -> int:
     from slct.training import train
 
     t0 = time.time()
-    if args.steps is None:
+    out = Path(args.out)
+    saved = previous_steps(out)
+    if saved is not None and args.steps is not None and args.steps != saved:
+        raise ValueError(f"{out} holds a demo run of {saved} steps; drop --steps to continue or redo it, or use "
+                         f"--out elsewhere for a {args.steps}-step run")
+    if saved is not None:  # the same command again: continue (or just re-report) that run, whatever it was timed at
+        steps = saved
+        print(f"demo: continuing the {steps}-step run in {out} (--out elsewhere starts a new one)")
+    elif args.steps is None:
         steps, sec = calibrate_steps(args.minutes, args.seed, args.device, args.sets)
         print(f"demo: {sec * 1000:.0f} ms per step here -> {steps} steps for ~{args.minutes:g} minutes")
     else:
         steps = args.steps
     cfg = demo_config(steps, args.seed, args.device, args.sets)
-    out = Path(args.out)
     result = train(cfg, out, resume="auto")
     if not result.finished:
         return 130
@@ -64,6 +71,17 @@ def run(args) -> int:
     print(f"loss curve:   {out / 'training.png'}")
     print(f"report:       {report}")
     return 0
+
+
+def previous_steps(out: Path) -> int | None:
+    """The step count of a demo run already in ``out`` (its calibration is not repeated), or None."""
+    from slct.checkpoint import latest_checkpoint
+    from slct.config import read_yaml
+
+    config = out / "config.yaml"
+    if latest_checkpoint(out) is None or not config.is_file():
+        return None
+    return int((read_yaml(config.read_text()) or {}).get("train", {}).get("total_steps"))
 
 
 def score(snapshot, n: int) -> dict:

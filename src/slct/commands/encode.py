@@ -1,22 +1,31 @@
-"""``slct encode SOURCE OUT_DIR``: images -> a latent dataset directory (resumable)."""
+"""``slct encode SOURCE --out OUT_DIR`` (or ``SOURCE OUT_DIR``): images -> a latent dataset directory (resumable)."""
 
 from __future__ import annotations
 
 import argparse
 
 from slct.codecs import CODECS
+from slct.data.sources import ALPHA_BACKGROUNDS
 
 HELP = "encode a folder or .zip of images into a latent dataset (shards + manifest + statistics)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE", help="image folder (recursive; jpg/png/webp) or .zip of images")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory; run again to resume an interrupted encode")
+    p.add_argument("source", metavar="SOURCE", help="image folder (recursive; every raster format PIL reads: jpg, "
+                   "png, webp, bmp, gif, tiff, ...) or .zip of images")
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default=None,
+                   help="output directory (or --out); run again to resume an interrupted encode")
+    p.add_argument("--out", dest="out_flag", metavar="OUT_DIR", default=None, help="the output directory, as a flag")
     p.add_argument("--codec", default="taef2", choices=sorted(CODECS), help="image <-> latent codec")
     p.add_argument("--resolution", type=int, default=64, help="center-crop and resize images to this side (px)")
     p.add_argument("--batch", type=int, default=64, help="images per codec call")
     p.add_argument("--hflip-copies", action="store_true", help="also store the latents of mirrored images")
-    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument("--strict", action="store_true", help="fail on unusable images instead of skipping them")
+    p.add_argument("--alpha-background", default="white", choices=sorted(ALPHA_BACKGROUNDS),
+                   help="what transparent pixels are composited on")
+    p.add_argument("--min-size", type=int, default=None, metavar="PX",
+                   help="skip images whose shorter side is below PX (0: keep all; None: --resolution / 4, i.e. "
+                   "images upscaled more than 4x)")
     p.add_argument("--labels", default="none", choices=["none", "folder"],
                    help="'folder': label images by their class sub-folder (torchvision ImageFolder layout)")
     p.add_argument("--weights", metavar="DIR", default=None, help="taef2: folder with taef2_{en,de}coder.pth")
@@ -52,22 +61,43 @@ def codec_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def output_dir(args: argparse.Namespace) -> str:
+    if args.out_dir and args.out_flag and args.out_dir != args.out_flag:
+        raise ValueError(f"two output directories given ({args.out_dir} and --out {args.out_flag}); give one")
+    out = args.out_flag or args.out_dir
+    if not out:
+        raise ValueError("no output directory: give it as --out DIR (or as the second argument)")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from slct.codecs import get_codec
     from slct.data import encode_dataset
+    from slct.data.encode import format_counts
 
+    out_dir = output_dir(args)
+    if args.min_size is not None and args.min_size < 0:
+        raise ValueError(f"--min-size must be >= 0, got {args.min_size}")
     codec = get_codec(args.codec, **codec_kwargs(args))
     manifest = encode_dataset(
-        args.source, args.out_dir, codec, args.resolution, batch_size=args.batch, hflip_copies=args.hflip_copies,
+        args.source, out_dir, codec, args.resolution, batch_size=args.batch, hflip_copies=args.hflip_copies,
         strict=args.strict, num_workers=args.workers, device=args.device, shard_size=args.shard_size,
         progress=not args.no_progress, labels=args.labels, limit=args.limit, dtype=args.dtype,
         holdout=args.holdout, split=args.split or ("train" if args.holdout else "all"),
-        resample=args.resample, seed=args.seed)
+        resample=args.resample, seed=args.seed, alpha_background=args.alpha_background, min_size=args.min_size)
     g = manifest["stats"]["global"]
     print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} ({manifest['codec_id']}, "
-          f"{manifest['image_resolution']} px) in {len(manifest['shards'])} shard(s) -> {args.out_dir}")
+          f"{manifest['image_resolution']} px) in {len(manifest['shards'])} shard(s) -> {out_dir}")
     print(f"values: mean {g['mean']:.4f}  std {g['std']:.4f}  min {g['min']:.3f}  max {g['max']:.3f}")
-    if manifest["skipped"]:
-        print(f"skipped {len(manifest['skipped'])} unreadable image(s), listed in manifest.json; "
-              f"first: {manifest['skipped'][0]['name']}: {manifest['skipped'][0]['reason']}")
+    skipped, converted = manifest["skipped"], manifest.get("converted", [])
+    if skipped:
+        first = skipped[0]
+        print(f"skipped images: {format_counts(skipped)}, each listed in manifest.json; first: {first['name']}: "
+              f"{first.get('detail', first['reason'])}")
+    if converted:
+        print(f"converted images: {format_counts(converted)}, each listed in manifest.json")
+    ignored = manifest.get("ignored_files") or {}
+    if ignored:
+        print(f"ignored {sum(ignored.values())} file(s) that are not images: "
+              + ", ".join(f"{ext} {n}" for ext, n in ignored.items()))
     return 0

@@ -45,16 +45,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="network evaluations to evaluate; None: the run's (1 2 for consistency models)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch or process count")
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the snapshot; None: its largest")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images of --images")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use N images of --images spread evenly over them (as `slct encode --limit`)")
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall (3: the paper's recall)")
     p.add_argument("--max-pr-samples", type=int, default=50_000,
                    help="generated samples used by precision/recall (0: skip them)")
     p.add_argument("--out", default=None, help="write the results and their provenance to this JSON file")
     _extractor_arguments(p, default=None)
 
-    sub = p.add_subparsers(dest="eval_command", metavar="{ref}")
-    ref = sub.add_parser("ref", help="compute and cache reference statistics of an image folder/zip or latent dataset",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.epilog = "reference statistics: slct eval ref SOURCE --extractor NAME --out STATS.npz (see slct eval ref --help)"
+
+
+def add_ref_arguments(ref: argparse.ArgumentParser) -> None:
+    """`slct eval ref`'s arguments (a command of its own: see slct.commands.eval_ref)."""
     ref.add_argument("source", help="folder or .zip of images, a latent dataset directory, or builtin:NAME")
     ref.add_argument("--resolution", type=int, default=None,
                      help="center-crop and resize real images to the training resolution first, as `slct encode` "
@@ -63,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ref.add_argument("--out", default=None, help="output .npz; None: a cache file keyed by source, extractor, "
                      "resolution and resize method under $SLCT_CACHE or ~/.cache/slct/refs")
     ref.add_argument("--max-features", type=int, default=50_000, help="real features kept for precision/recall")
-    ref.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    ref.add_argument("--limit", type=int, default=None,
+                     help="use N images spread evenly over the source (as `slct encode --limit`)")
     ref.add_argument("--holdout", type=int, default=0, metavar="N",
                      help="images held out as `slct encode --holdout N` does (same N, same images)")
     ref.add_argument("--split", choices=["all", "train", "holdout"], default=None,
@@ -73,8 +77,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    if getattr(args, "eval_command", None) == "ref":
-        return run_ref(args)
     return run_eval(args)
 
 
@@ -157,7 +159,7 @@ def run_eval(args) -> int:
     from slct import __version__, distributed
     from slct.eval.evaluate import evaluate_many, format_table
     from slct.eval.extractors import file_sha256
-    from slct.eval.reference import image_reader
+    from slct.eval.reference import check_held_out, image_reader
 
     if args.snapshot is None and args.images is None:
         raise ValueError("give --snapshot PATH or --images DIR (or use `slct eval ref SOURCE`)")
@@ -189,6 +191,8 @@ def run_eval(args) -> int:
     else:
         sampling = importlib.import_module("slct.sampling")  # the training system's snapshot API
         snap = sampling.load_snapshot(args.snapshot, device=device, **({} if args.ema is None else {"ema": args.ema}))
+        overlaps = [check_held_out(getattr(snap, "data_source", None), ref.manifest, path)
+                    for path, ref in zip(args.ref, refs)]
         info = snap.info()
         nfes = args.nfe
         if nfes is None and hasattr(sampling, "default_nfe") and hasattr(snap, "config"):
@@ -207,7 +211,8 @@ def run_eval(args) -> int:
         record.update(snapshot=dict(path=str(snapshot_path.resolve()), sha256=sha, info=info),
                       codec=info.get("codec"), nfe=nfes, n=args.n,
                       seeds=dict(first=args.seed, last=args.seed + args.n - 1, rule="sample i uses seed first + i"),
-                      world_size=dist.world_size)
+                      world_size=dist.world_size,
+                      reference_images_in_training=overlaps)  # None: not the same source, cannot tell
         first = "nfe"
 
     record.update(

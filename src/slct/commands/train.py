@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this many minutes")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived quantities, then exit")
     p.add_argument("--list-presets", action="store_true", help="list method and data presets, then exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line per logging interval (logging.log_every_steps) instead")
 
 
 def run(args) -> int:
@@ -65,7 +66,7 @@ def run(args) -> int:
 
     out = args.out or f"runs/{cfg.preset.replace(' x ', '-') or 'run'}"
     result = train(cfg, out, resume=args.resume, until_step=args.until_step, max_minutes=args.minutes,
-                   progress=not args.no_progress)
+                   progress="lines" if args.no_progress else "bar")
     return 0 if result.finished or result.stopped_by in ("until_step", "minutes") else 130
 
 

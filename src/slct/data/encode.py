@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from slct.codecs import Codec, get_codec
-from slct.data.sources import ImageSource, looks_like_class_folder, open_source, prepare_image
+from slct.data.sources import (ImageSource, SkipImage, looks_like_class_folder, min_side, open_source,
+                               prepare_image)
 from slct.data.stats import StreamingStats
 
 MANIFEST = "manifest.json"
@@ -37,7 +38,7 @@ FORMAT = "slct-latents/1"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 # keys that must match for a run to continue (or to be "already done") in an existing directory
 IDENTITY_KEYS = ("codec_id", "image_resolution", "latent_shape", "dtype", "shard_size", "hflip_copies",
-                 "source", "selection", "resample", "seed")
+                 "source", "selection", "resample", "seed", "image_options")
 
 
 def shard_name(k: int) -> str:
@@ -83,23 +84,49 @@ def split_indices(n: int, holdout: int = 0, split: str = "all", limit: int | Non
 
 
 class _Decoded(Dataset):
-    """Worker-side: source index -> (index, uint8 (C, R, R) or None, label, reason it failed or None)."""
+    """Worker-side: source index -> (index, uint8 (C, R, R) or None, label, skip record or None, conversion records).
 
-    def __init__(self, source: ImageSource, indices: np.ndarray, resolution: int, channels: int, resample: str):
+    A record is {"name", "reason", "detail"}: ``reason`` a short category (unreadable, too-small, 16-bit, alpha,
+    ...), counted per category on the console and listed file by file in the manifest.
+    """
+
+    def __init__(self, source: ImageSource, indices: np.ndarray, resolution: int, channels: int, resample: str,
+                 alpha_background: str = "white", min_size: int | None = 0):
         self.source, self.indices = source, indices
         self.resolution, self.channels, self.resample = resolution, channels, resample
+        self.alpha_background, self.min_size = alpha_background, min_size
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int):
         i = int(self.indices[k])
+        name, notes = self.source.names[i], []
         try:
             with self.source.load(i) as image:
-                prepared = prepare_image(image, self.resolution, self.channels, self.resample)
-            return i, prepared, self.source.label(i), None
+                prepared = prepare_image(image, self.resolution, self.channels, self.resample,
+                                         self.alpha_background, self.min_size, notes)
+        except SkipImage as e:
+            return i, None, self.source.label(i), {"name": name, "reason": e.reason, "detail": str(e)}, []
         except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable image"
-            return i, None, self.source.label(i), f"{type(e).__name__}: {e}"
+            return i, None, self.source.label(i), {"name": name, "reason": "unreadable",
+                                                   "detail": f"{type(e).__name__}: {e}"}, []
+        converted = [{"name": name, "reason": reason, "detail": detail} for reason, detail in notes]
+        return i, prepared, self.source.label(i), None, converted
+
+
+def reason_counts(records: list[dict]) -> dict[str, int]:
+    """{reason: how many records} in first-seen order."""
+    out: dict[str, int] = {}
+    for r in records:
+        out[r["reason"]] = out.get(r["reason"], 0) + 1
+    return out
+
+
+def format_counts(records: list[dict]) -> str:
+    """'3 (too-small 2, unreadable 1)'."""
+    counts = reason_counts(records)
+    return f"{sum(counts.values())} ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else "0"
 
 
 def _as_list(batch):
@@ -107,12 +134,9 @@ def _as_list(batch):
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before it is renamed into place and recorded as done
-    os.replace(tmp, path)
+    from slct.checkpoint import atomic_write
+
+    atomic_write(path, write)  # fsynced before it is renamed into place and recorded as done
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -122,12 +146,18 @@ def _write_json(path: Path, obj: Any) -> None:
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a latent dataset directory (or of the manifest file itself)."""
     path = Path(path)
+    if path.is_file() and path.name != MANIFEST:
+        raise ValueError(f"{path} is a file, not a latent dataset directory (make one from images with "
+                         f"`slct encode IMAGES --out DIR`, then pass DIR)")
     file = path / MANIFEST if path.is_dir() else path
     if not file.is_file():
         hint = " (an unfinished encode: run the same `slct encode` again to finish it)" \
             if (path / STATE).is_file() else ""
         raise FileNotFoundError(f"{file} not found: not a latent dataset directory{hint}")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not a latent dataset manifest ({type(e).__name__})") from None
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -142,7 +172,8 @@ def _shard_generator(seed: int, k: int) -> torch.Generator:
 
 
 def _check_same(existing: dict, config: dict, out_dir: Path) -> None:
-    diff = [k for k in IDENTITY_KEYS if existing.get(k) != config.get(k)]
+    # a key an older dataset does not record is not compared (it was written before the option existed)
+    diff = [k for k in IDENTITY_KEYS if k in existing and existing[k] != config.get(k)]
     if diff:
         details = "; ".join(f"{k}: existing {existing.get(k)!r}, requested {config.get(k)!r}" for k in diff)
         raise FileExistsError(f"{out_dir} already holds a different latent dataset ({details}). "
@@ -154,7 +185,8 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
                    strict: bool = False, num_workers: int | None = None, device: str | torch.device | None = None,
                    shard_size: int = 4096, progress: bool = True, *, labels: str = "none",
                    limit: int | None = None, dtype: str = "float32", resample: str = "bicubic",
-                   seed: int = 0, holdout: int = 0, split: str = "all") -> dict:
+                   seed: int = 0, holdout: int = 0, split: str = "all", alpha_background: str = "white",
+                   min_size: int | None = None) -> dict:
     """Encode the images of ``source`` into a latent dataset at ``out_dir``; returns its manifest.
 
     Args:
@@ -174,6 +206,11 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
         dtype: "float32" or "float16" storage.
         resample: PIL filter for resizing (see ``sources.RESAMPLE``).
         seed: seeds the posterior sample of stochastic codecs, per shard.
+        alpha_background: what transparent pixels are composited on ("white", "black", "grey").
+        min_size: images whose shorter side is below this many px are skipped (0: none; None: resolution / 4).
+
+    Every skipped image (unreadable, too small) and every converted one (16-bit, transparency, first frame of an
+    animation, EXIF rotation) is listed in the manifest with its reason; non-image files are counted there too.
     """
     out_dir = Path(out_dir)
     codec = _as_codec(codec)
@@ -198,6 +235,7 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
         "image_channels": codec.image_channels, "latent_shape": list(latent_shape), "dtype": dtype,
         "shard_size": int(shard_size), "hflip_copies": bool(hflip_copies), "source": src.describe(),
         "selection": chosen, "resample": resample, "seed": int(seed),
+        "image_options": {"alpha_background": alpha_background, "min_size": min_side(resolution, min_size)},
         "batch_size": int(batch_size), "num_classes": len(src.classes), "class_names": list(src.classes),
     }
     finished = _finished_manifest(out_dir, config)
@@ -212,24 +250,26 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
     done = state["shards"][-1]["source_stop"] if state["shards"] else 0
     todo = selection[np.searchsorted(selection, done):]
     workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
-    loader = DataLoader(_Decoded(src, todo, resolution, codec.image_channels, resample), batch_size=batch_size,
+    loader = DataLoader(_Decoded(src, todo, resolution, codec.image_channels, resample, alpha_background,
+                                 config["image_options"]["min_size"]),
+                        batch_size=batch_size,
                         num_workers=workers, collate_fn=_as_list, prefetch_factor=4 if workers > 0 else None)
     bar = _progress_bar(total=len(selection), initial=len(selection) - len(todo), enabled=progress,
                         desc=f"encode {codec.id} {resolution}px")
     with torch.inference_mode():
         for batch in loader:  # workers decode the next batches while the codec runs here
-            for i, image, label, reason in batch:
-                if reason is None:
-                    writer.add(i, image, label)
+            for i, image, label, skip, converted in batch:
+                if skip is None:
+                    writer.add(i, image, label, converted)
                 elif strict:
-                    raise ValueError(f"cannot read image {src.names[i]!r}: {reason} "
-                                     "(without --strict unreadable images are skipped and listed)")
+                    raise ValueError(f"cannot use image {src.names[i]!r}: {skip['reason']}: {skip['detail']} "
+                                     "(without --strict such images are skipped and listed)")
                 else:
-                    writer.skipped.append({"name": src.names[i], "reason": reason})
+                    writer.skipped.append(skip)
             bar.update(len(batch))
         writer.finish_shard()  # the last, shorter one
     bar.close()
-    return _finish(out_dir, state, writer.stats, writer.skipped)
+    return _finish(out_dir, state, writer.stats, writer.skipped, writer.converted, src.ignored)
 
 
 def _as_codec(codec: Codec | str | dict) -> Codec:
@@ -253,6 +293,9 @@ def _open_state(out_dir: Path, config: dict) -> dict:
     if (out_dir / STATE).is_file():
         state = json.loads((out_dir / STATE).read_text())
         _check_same(state["config"], config, out_dir)
+        from slct.checkpoint import remove_stale_temporaries
+
+        remove_stale_temporaries(out_dir)  # half-written shards of a killed run: redone from the state below
         return state
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists, is not empty and is not a latent dataset; nothing was "
@@ -279,7 +322,8 @@ class _ShardWriter:
         self.batch_size, self.images_per_shard, self.seed = batch_size, images_per_shard, seed
         self.hflip_copies, self.dtype = config["hflip_copies"], DTYPES[config["dtype"]]
         self.labelled = config["num_classes"] > 0
-        self.skipped: list[dict] = []  # unreadable images since the last finished shard
+        self.skipped: list[dict] = []  # images not used since the last finished shard
+        self.converted: list[dict] = []  # images converted (16-bit, alpha, ...) since the last finished shard
         self._start_shard()
         # replay the finished shards: the same arrays in the same order as an uninterrupted run
         self.stats = StreamingStats(tuple(config["latent_shape"]), seed=seed)
@@ -293,7 +337,8 @@ class _ShardWriter:
         self.labels: list[int] = []
         self.count, self.last_index = 0, -1
 
-    def add(self, index: int, image: np.ndarray, label: int) -> None:
+    def add(self, index: int, image: np.ndarray, label: int, converted: list[dict] = ()) -> None:
+        self.converted.extend(converted)
         self.batch.append(image)
         self.labels.append(label)
         self.count, self.last_index = self.count + 1, index
@@ -323,9 +368,10 @@ class _ShardWriter:
             _atomic_write(self.out_dir / _labels_part(k), lambda f: np.save(f, labels))
         self.stats.update(latents)
         self.state["shards"].append({"file": shard_name(k), "count": len(latents), "images": self.count,
-                                     "source_stop": self.last_index + 1, "skipped": self.skipped})
+                                     "source_stop": self.last_index + 1, "skipped": self.skipped,
+                                     "converted": self.converted})
         _write_json(self.out_dir / STATE, self.state)  # the shard counts as done from here on
-        self.skipped = []
+        self.skipped, self.converted = [], []
         self._start_shard()
 
 
@@ -335,13 +381,16 @@ def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
                 dynamic_ncols=True)
 
 
-def _finish(out_dir: Path, state: dict, stats: StreamingStats, trailing_skipped: list[dict]) -> dict:
+def _finish(out_dir: Path, state: dict, stats: StreamingStats, trailing_skipped: list[dict],
+            trailing_converted: list[dict], ignored: dict[str, int]) -> dict:
     config = state["config"]
     shards = state["shards"]
     skipped = [s for r in shards for s in r["skipped"]] + trailing_skipped
+    converted = [c for r in shards for c in r.get("converted", [])] + trailing_converted
     if not shards:
         raise ValueError(f"none of the {config['selection']['count']} images of {config['source']['path']} "
-                         f"could be read (first error: {skipped[0]['reason'] if skipped else 'none'})")
+                         f"could be used (skipped: {format_counts(skipped)}; first: "
+                         f"{(skipped[0]['name'] + ': ' + skipped[0]['detail']) if skipped else 'none'})")
     labels_file = None
     if config["num_classes"]:
         labels = np.concatenate([np.load(out_dir / _labels_part(k)) for k in range(len(shards))])
@@ -356,6 +405,10 @@ def _finish(out_dir: Path, state: dict, stats: StreamingStats, trailing_skipped:
         "shards": [{"file": r["file"], "count": r["count"]} for r in shards],
         "labels": labels_file,
         "skipped": skipped,
+        "skipped_counts": reason_counts(skipped),
+        "converted": converted,
+        "converted_counts": reason_counts(converted),
+        "ignored_files": ignored,  # files in the source that are not images, by extension
         "stats": stats.summary(),
     }
     _write_json(out_dir / MANIFEST, manifest)

@@ -15,10 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# raster formats worth reading as training images; kept to those this PIL build can open (AVIF needs a plugin)
+_RASTER_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib", ".gif", ".tif",
+                      ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2", ".j2k", ".jpx", ".jpf", ".jpc", ".j2c",
+                      ".qoi", ".sgi", ".rgb", ".rgba", ".bw", ".pcx", ".psd", ".ico", ".dds", ".avif", ".heic")
+IMAGE_EXTENSIONS = tuple(e for e in _RASTER_EXTENSIONS if Image.registered_extensions().get(e) in Image.OPEN)
 LABEL_MODES = ("none", "folder")
+# --alpha-background: what transparent pixels become (transparency has no colour of its own; the RGB hidden under
+# alpha 0 is arbitrary, often black or garbage)
+ALPHA_BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0),
+                                                      "grey": (128, 128, 128)}
+# images whose shorter side is below resolution / MIN_SIZE_FRACTION are skipped by default: upscaled more than 4x
+# they carry almost nothing (a 1x1 image becomes a solid square)
+MIN_SIZE_FRACTION = 4
+
+
+def min_side(resolution: int, min_size: int | None = None) -> int:
+    """The smallest usable shorter side in px: ``min_size`` (0: any), or by default resolution / 4."""
+    return max(1, resolution // MIN_SIZE_FRACTION) if min_size is None else int(min_size)
+
+
+class SkipImage(Exception):
+    """An image that is readable but not usable (``reason``: a short category; the message: the details)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 # name -> PIL filter; PIL's resize antialiases when it shrinks
 RESAMPLE: dict[str, int] = {
@@ -34,6 +58,17 @@ COLOR_MODES = {1: "L", 3: "RGB"}  # image channels -> PIL mode
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not Path(name).name.startswith(".")
+
+
+def _ignored(files: list[str]) -> dict[str, int]:
+    """Files that are not read as images, counted by extension (hidden files aside)."""
+    out: dict[str, int] = {}
+    for name in files:
+        base = Path(name).name
+        if not _is_image(name) and not base.startswith("."):
+            ext = Path(base).suffix.lower() or "(none)"
+            out[ext] = out.get(ext, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _folder_labels(names: list[str], root: str, labels: str) -> tuple[np.ndarray | None, list[str]]:
@@ -62,6 +97,7 @@ class ImageSource:
 
     kind = "images"
     names: list[str]
+    ignored: dict[str, int] = {}  # files that are not images PIL reads, counted by extension
     labels: np.ndarray | None = None
     label_mode: str = "none"  # where the labels come from: "none", "folder", "array"
     classes: list[str] = []
@@ -91,8 +127,9 @@ class FolderSource(ImageSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.path = str(self.root.resolve())
-        self.names = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                            if p.is_file() and _is_image(p.name))
+        files = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
+        self.names = sorted(n for n in files if _is_image(n))
+        self.ignored = _ignored(files)
         self.labels, self.classes = _folder_labels(self.names, str(self.root), labels)
         self.label_mode = labels
 
@@ -111,10 +148,11 @@ class ZipSource(ImageSource):
             raise FileNotFoundError(f"zip file {path} does not exist")
         try:
             with zipfile.ZipFile(path) as z:
-                members = sorted(n for n in z.namelist() if not n.endswith("/") and _is_image(n)
-                                 and not n.startswith("__MACOSX/"))
+                files = [n for n in z.namelist() if not n.endswith("/") and not n.startswith("__MACOSX/")]
         except zipfile.BadZipFile as e:
             raise ValueError(f"{path} is not a readable zip file: {e}") from e
+        members = sorted(n for n in files if _is_image(n))
+        self.ignored = _ignored(files)
         self.members = members
         tops = {m.split("/", 1)[0] for m in members}
         strip = len(tops) == 1 and all("/" in m for m in members)
@@ -172,13 +210,69 @@ def open_source(source: str | os.PathLike | ImageSource, labels: str = "none") -
     return src
 
 
-def prepare_image(image: Image.Image, resolution: int, channels: int = 3, resample: str = "bicubic") -> np.ndarray:
-    """PIL image -> uint8 (channels, resolution, resolution): center crop to a square, then resize."""
+def normalize_image(image: Image.Image, channels: int = 3, alpha_background: str = "white",
+                    notes: list | None = None) -> Image.Image:
+    """Any PIL image -> mode L (channels 1) or RGB (3), converting what ``Image.convert`` gets wrong.
+
+    - 16-bit greyscale (modes I;16*, I) is scaled by 255/65535 (``convert`` clips it to 255: almost white);
+      32-bit float (F) is read as [0, 1] when its maximum is at most 1, else as [0, 255].
+    - Transparent pixels (RGBA, LA, PA, or a palette/tRNS transparency) are composited on ``alpha_background``
+      (``ALPHA_BACKGROUNDS``); an alpha channel that is fully opaque is dropped as is.
+    - Animated or multi-page files give their first frame; the EXIF orientation is applied.
+    ``notes`` (if given) receives one (reason, detail) pair per such conversion, for the manifest.
+    """
+    notes = [] if notes is None else notes
+    if alpha_background not in ALPHA_BACKGROUNDS:
+        raise ValueError(f"alpha_background must be one of {list(ALPHA_BACKGROUNDS)}, got {alpha_background!r}")
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+        notes.append(("first-frame", f"{image.n_frames} frames: the first one is used"))
+    orientation = image.getexif().get(0x0112, 1) if hasattr(image, "getexif") else 1
+    if orientation not in (None, 1):
+        image = ImageOps.exif_transpose(image)
+        notes.append(("exif-orientation", f"EXIF orientation {orientation} applied"))
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(image).astype(np.float64)
+        if mode == "I" and a.max() <= 255:  # 32-bit container of 8-bit values
+            image = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+        else:
+            image = Image.fromarray(np.round(a.clip(0, 65535) * (255 / 65535)).astype(np.uint8))
+            notes.append(("16-bit", f"mode {mode}: 16-bit values scaled to 8 bits"))
+    elif mode == "F":
+        a = np.asarray(image).astype(np.float64)
+        scale = 255.0 if a.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.round((a * scale).clip(0, 255)).astype(np.uint8))
+        notes.append(("float", f"32-bit float values read as [0, {1 if scale == 255 else 255}]"))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"))
+        if alpha.min() < 255:
+            background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUNDS[alpha_background], 255))
+            image = Image.alpha_composite(background, rgba)
+            notes.append(("alpha", f"{float(np.mean(alpha < 255)):.0%} of pixels transparent: composited on "
+                                   f"{alpha_background}"))
+        else:
+            image = rgba
+    return image.convert(COLOR_MODES[channels])
+
+
+def prepare_image(image: Image.Image, resolution: int, channels: int = 3, resample: str = "bicubic",
+                  alpha_background: str = "white", min_size: int | None = 0,
+                  notes: list | None = None) -> np.ndarray:
+    """PIL image -> uint8 (channels, resolution, resolution): normalise (``normalize_image``), center crop to a
+    square, then resize. An image whose shorter side is below ``min_side(resolution, min_size)`` raises
+    ``SkipImage``."""
     if resample not in RESAMPLE:
         raise ValueError(f"resample must be one of {list(RESAMPLE)}, got {resample!r}")
     image.load()  # decode now, so a truncated file fails here and not later
-    image = image.convert(COLOR_MODES[channels])
     w, h = image.size
+    smallest = min_side(resolution, min_size)
+    if min(w, h) < smallest:
+        raise SkipImage("too-small", f"{w}x{h} px, below the minimum side of {smallest} px (--min-size)")
+    image = normalize_image(image, channels, alpha_background, notes)
+    w, h = image.size  # an EXIF rotation may have swapped them
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))

@@ -78,13 +78,13 @@ def load_image(image: PIL.Image.Image, resolution: int | None = None, resample: 
     With ``resolution``: center crop to a square and resize with ``resample``, exactly as ``slct encode``
     prepares training images; without: the image as stored.
     """
-    from slct.data.sources import prepare_image
+    from slct.data.sources import normalize_image, prepare_image
 
     channels = _image_channels(image)
-    if resolution is None:
-        arr = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    if resolution is None:  # 16-bit, transparency, animations: as `slct encode` converts them
+        arr = np.asarray(normalize_image(image, channels))
         return arr[..., None] if arr.ndim == 2 else arr
-    return prepare_image(image, resolution, channels, resample).transpose(1, 2, 0)
+    return prepare_image(image, resolution, channels, resample, min_size=None).transpose(1, 2, 0)
 
 
 def list_images(source: str | os.PathLike) -> list[str]:
@@ -98,14 +98,14 @@ def image_reader(source: str | os.PathLike, limit: int | None = None, resolution
                  resample: str = "bicubic", holdout: int = 0,
                  split: str = "all") -> tuple[int, Callable[[Sequence[int]], list[np.ndarray]]]:
     """(count, read) for a folder or zip: ``read(indices)`` -> the uint8 HWC images at those positions
-    of the :func:`list_images` order restricted to ``split`` (as ``slct encode --holdout``), the first
-    ``limit`` only."""
+    of the :func:`list_images` order restricted to ``split`` (as ``slct encode --holdout``), thinned to
+    ``limit`` images spread evenly over it (as ``slct encode --limit``: one meaning everywhere)."""
     from slct.data.encode import split_indices
     from slct.data.sources import open_source
 
     src = open_source(source)
-    positions = split_indices(len(src), holdout, split)
-    count = len(positions) if limit is None else min(limit, len(positions))
+    positions = split_indices(len(src), holdout, split, limit)
+    count = len(positions)
 
     def read(indices: Sequence[int]) -> list[np.ndarray]:
         out = []
@@ -137,11 +137,14 @@ def iter_latent_batches(source: str | os.PathLike, batch_size: int = 64, limit: 
 
     dataset = LatentDataset(str(source) if str(source).startswith("builtin:") else Path(source))
     codec = dataset.make_codec().to(device)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
+    from slct.data.encode import select_indices
+
+    positions = select_indices(len(dataset), limit)  # spread evenly, as --limit everywhere
+    count = len(positions)
 
     def batches() -> Iterator[torch.Tensor]:
         for i in range(0, count, batch_size):
-            z = torch.from_numpy(dataset.raw(np.arange(i, min(i + batch_size, count))))
+            z = torch.from_numpy(dataset.raw(positions[i:i + batch_size]))
             with torch.no_grad():
                 yield codec.decode(z.to(device))
 
@@ -220,9 +223,11 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
             raise ValueError(f"{source} holds {dataset.image_resolution} px images; a latent dataset is decoded at "
                              f"its own resolution, so drop resolution={resolution}")
         kind, codec_spec, resolution, resample = "latents", dict(dataset.codec_spec), dataset.image_resolution, None
+        source_images = len(dataset)
         where = str(source) if str(source).startswith("builtin:") else str(Path(source).resolve())
     else:
         count, read = image_reader(source, limit, resolution, resample, holdout, split)
+        source_images = len(list_images(source))
         batches = (read(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size))
         kind, codec_spec, where = ("zip" if Path(source).is_file() else "folder"), None, str(Path(source).resolve())
         if resolution is None:
@@ -233,18 +238,52 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
         format=MANIFEST_FORMAT, source=where, source_kind=kind, codec=codec_spec,
         count=stats.n, features_kept=0 if stats.features is None else len(stats.features),
         extractor=extractor.spec(), resolution=resolution, resample=resample, resize=RESIZE_POLICY, limit=limit,
-        holdout=holdout, split=split, slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        holdout=holdout, split=split, source_images=source_images, slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     return Reference.from_stats(stats, manifest)
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     """Write through a temporary file and rename: a concurrent reader sees the old file or the new one."""
+    from slct.checkpoint import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    atomic_write(path, write)
+
+
+def training_overlap(data_source: dict | None, reference_manifest: dict) -> int | None:
+    """How many of a reference's images a run trained on; None when that cannot be told (other sources).
+
+    ``data_source`` is what a snapshot records of its latent dataset (the manifest's ``source`` and ``selection``).
+    Both selections are pure functions of (number of images, holdout, split, limit), so the overlap is exact.
+    """
+    from slct.data.encode import split_indices
+
+    if not data_source or not data_source.get("source") or reference_manifest.get("source_kind") not in ("folder",
+                                                                                                       "zip"):
+        return None
+    src, sel = data_source["source"], data_source.get("selection") or {}
+    n = reference_manifest.get("source_images")
+    if src.get("path") != reference_manifest.get("source") or n is None or src.get("num_images") != n:
+        return None
+    trained = split_indices(n, sel.get("holdout", 0), sel.get("split", "all"), sel.get("limit"))
+    ref = split_indices(n, reference_manifest.get("holdout", 0), reference_manifest.get("split", "all"),
+                        reference_manifest.get("limit"))
+    return int(np.intersect1d(trained, ref).size)
+
+
+def check_held_out(data_source: dict | None, reference_manifest: dict, reference_path) -> int | None:
+    """``training_overlap``, raising ValueError when a reference made as held out (split "holdout") shares images
+    with the training set: a silently leaked reference makes FD and recall look better than they are."""
+    overlap = training_overlap(data_source, reference_manifest)
+    if overlap and reference_manifest.get("split") == "holdout":
+        sel = data_source.get("selection") or {}
+        raise ValueError(
+            f"{reference_path} is a held-out reference, but {overlap} of its {reference_manifest.get('count')} "
+            f"images are in the training set (trained on --limit {sel.get('limit')}, --holdout {sel.get('holdout', 0)}"
+            f"); encode the training images with --holdout {reference_manifest.get('holdout')} (the same N) so "
+            "they exclude the reference's")
+    return overlap
 
 
 def save_reference(reference: Reference, path: str | os.PathLike) -> Path:

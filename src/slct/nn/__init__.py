@@ -18,7 +18,8 @@ from slct.nn.dit import DIT_SIZES, DiT
 from slct.nn.norms import NORMS, norm_layer
 from slct.nn.unet import DhariwalUNet
 
-__all__ = ["NETWORK_PRESETS", "NORMS", "DhariwalUNet", "DiT", "build_network", "network_kwargs", "norm_layer"]
+__all__ = ["NETWORK_PRESETS", "NORMS", "DhariwalUNet", "DiT", "build_network", "follow_resolution", "network_kwargs",
+           "norm_layer"]
 
 # Default input shapes: the paper's SD-VAE latents (4x32x32), except for the CPU-sized presets,
 # which take TAEF2 latents of 64 px images (32x8x8).
@@ -66,6 +67,20 @@ def network_kwargs(name: str, **overrides: Any) -> tuple[type[nn.Module], dict[s
                              f"allowed: {', '.join(sorted(hints))}")
         kwargs[key] = _coerce(key, value, hints[key])
     return cls, kwargs
+
+
+def follow_resolution(name: str, resolution: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``overrides`` plus the preset's attention resolutions moved to the same UNet levels at ``resolution``.
+
+    unet-small attends at 4x4 on 8x8 latents; on 16x16 latents the same level is 8x8. An explicit
+    ``attn_resolutions`` (or a preset without them, e.g. a DiT) is left as it is.
+    """
+    out = dict(overrides or {})
+    _, defaults = NETWORK_PRESETS[name] if name in NETWORK_PRESETS else (None, {})
+    native = defaults.get("resolution")
+    if defaults.get("attn_resolutions") and "attn_resolutions" not in out and native and native != resolution:
+        out["attn_resolutions"] = tuple(max(1, r * resolution // native) for r in defaults["attn_resolutions"])
+    return out
 
 
 def build_network(name: str, **overrides: Any) -> nn.Module:
