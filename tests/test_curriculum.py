@@ -153,3 +153,20 @@ def test_diffusion_mask_bad_r(r):
 def test_diffusion_mask_bad_indices():
     with pytest.raises(ValueError, match="indices"):
         diffusion_loss_mask(torch.zeros(3), 11, 0.25)
+
+
+def test_minimum_stage_length_keeps_the_doubling_and_walks_fewer_stages():
+    from slct.curriculum import curriculum_stages
+
+    # eq. 10 at K = 2,000: seven stages of 285 steps (the last one runs to K)
+    stages = curriculum_stages(2000)
+    assert [s["n_scales"] for s in stages] == [11, 21, 41, 81, 161, 321, 641]
+    assert [s["steps"] for s in stages] == [285] * 6 + [290] and sum(s["steps"] for s in stages) == 2000
+    # a floor of 500 steps per stage: the same doubling, four stages, N ends at 81
+    assert stage_length_steps(2000, 10, 640, 500) == 500
+    stages = curriculum_stages(2000, 10, 640, 500)
+    assert [(s["start"], s["steps"], s["n_scales"]) for s in stages] == [
+        (0, 500, 11), (500, 500, 21), (1000, 500, 41), (1500, 500, 81)]
+    assert [num_scales(k, 2000, 10, 640, 500) for k in (0, 499, 500, 1999, 5000)] == [11, 11, 21, 81, 641]
+    # a floor below eq. 10's own stage length changes nothing (the paper's runs)
+    assert all(num_scales(k, 295_313, 10, 640, 1000) == num_scales(k, 295_313) for k in range(0, 295_313, 997))

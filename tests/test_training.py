@@ -258,3 +258,25 @@ def test_pipeline_prefetch_auto_is_inline_on_cpu_and_batches_match_a_thread():
     finally:
         auto.close()
         threaded.close()
+
+
+def test_weight_decay_options():
+    """Decoupled decay shrinks w by lr x wd per step whatever the gradient; norms and biases can be left undecayed."""
+    from slct.training import build_optimizer
+
+    cfg = tiny_cfg("slct", 4, 16, "optim.weight_decay=0.1", "optim.lr=0.01", "optim.decoupled_weight_decay=true",
+                   "optim.decay_norms_and_biases=false")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(cfg.optim, model)
+    no_decay = {id(p) for p in opt.param_groups[1]["params"]}
+    assert {id(model[0].bias), id(model[1].weight), id(model[1].bias)} == no_decay
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(model[0].weight, before[0] * (1 - 0.01 * 0.1), rtol=0, atol=1e-7)
+    for p, b in zip(list(model.parameters())[1:], before[1:]):
+        assert torch.equal(p, b)
+    authors = build_optimizer(tiny_cfg().optim, model)  # the default: coupled decay on every tensor (REFERENCE [8])
+    assert len(authors.param_groups) == 1 and not authors.param_groups[0]["decoupled_weight_decay"]

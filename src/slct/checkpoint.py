@@ -119,7 +119,7 @@ def prune(run_dir: str | Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu"):
+def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu", mmap: bool = False):
     """Read a torch file without running code from it: tensors and plain containers only (``weights_only``).
 
     Raises ``UnsafeFileError`` (one line) for anything else: a hostile or foreign pickle, a damaged file.
@@ -128,7 +128,7 @@ def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu"
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only refused an object: report it, never retry unrestricted
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         detail = f" ({found.group(1)})" if found else ""
@@ -138,11 +138,12 @@ def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu"
         raise UnsafeFileError(f"{path} is not a readable {what} ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, map_location="cpu") -> dict:
+def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, map_location="cpu",
+         mmap: bool = False) -> dict:
     """An slct checkpoint or snapshot (``expect``: the accepted ``format`` values), loaded safely."""
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
     what = "slct snapshot" if expect == (SNAPSHOT_FORMAT,) else "slct checkpoint"
-    payload = load_untrusted(path, what, map_location)
+    payload = load_untrusted(path, what, map_location, mmap)
     found = payload.get("format") if isinstance(payload, dict) else None
     if found not in expect:
         hint = ""

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "slct.commands.analyze",
     "train": "slct.commands.train",
     "sample": "slct.commands.sample",
+    "ema": "slct.commands.ema",
     "eval": "slct.commands.eval",
     "eval-ref": "slct.commands.eval_ref",  # typed `slct eval ref` (see ALIASES)
 }

@@ -72,6 +72,11 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up (not in the authors' code: 0 keeps it off)
     grad_clip: float = 0.0  # max global grad norm; 0 = off (authors)
     accumulate: int = 1  # gradient-accumulation rounds per step (same global batch, less memory)
+    # Beyond the authors' coupled decay on every tensor: RAdam's coupled decay adds weight_decay x w to the gradient,
+    # so its pull is rescaled by the adaptive step and competes with the loss gradient (strongly for small losses);
+    # decoupled decay shrinks w by lr x weight_decay per step whatever the loss (AdamW-style).
+    decoupled_weight_decay: bool = False
+    decay_norms_and_biases: bool = True  # False: no decay on 1-D tensors (norm scales/shifts, biases)
 
 
 @dataclass
@@ -80,6 +85,14 @@ class TrainConfig:
     batch_size: int = 128  # global batch, over all processes and accumulation rounds
     seed: int = 0
     ema_decays: list = field(default_factory=lambda: [0.9999, 0.99993])  # REFERENCE [8]; reported: 0.99993
+    # EDM's ramp-up EMA (slct.ema.RampUp): half-life = ratio x images seen, at most ema_halflife_nimg; 0 = off.
+    # It averages the latest ~5% of training whatever the run's length, so it is the default EMA (ema_default).
+    ema_rampup_ratio: float = 0.05
+    ema_halflife_nimg: float = 500_000.0
+    ema_power_stds: list = field(default_factory=list)  # EDM2 power EMAs tracked, e.g. [0.05, 0.1] (slct ema)
+    ema_power_every_steps: int = 0  # store the power EMAs every N steps in power-ema/ for `slct ema`; 0 = never
+    # what snapshots, grids, periodic evaluation, sample and eval use unless told: "rampup", a decay, "std=0.05"
+    ema_default: str | float = "rampup"
     precision: str = "fp32"  # fp32 (authors) | bf16 (autocast; norms and loss stay fp32)
     channels_last: bool = False
     compile: bool = False
@@ -167,6 +180,21 @@ class Config:
         for d in self.train.ema_decays:
             if not 0.0 <= float(d) < 1.0:
                 raise ValueError(f"train.ema_decays entries must be in [0, 1), got {d}")
+        from slct.ema import power_gamma, profiles_from_config
+
+        for std in self.train.ema_power_stds:
+            power_gamma(float(std))  # raises for an impossible width
+        if self.train.ema_rampup_ratio < 0 or self.train.ema_halflife_nimg <= 0 or self.train.ema_power_every_steps < 0:
+            raise ValueError("train.ema_rampup_ratio and train.ema_power_every_steps must be >= 0, "
+                             "train.ema_halflife_nimg > 0")
+        if isinstance(self.train.ema_default, float):  # --set train.ema_default=0.9999 reads as a number
+            self.train.ema_default = str(self.train.ema_default)
+        names = [p.name for p in profiles_from_config(self.train)]
+        if not names:
+            raise ValueError("no EMA tracked: set train.ema_decays, train.ema_rampup_ratio or train.ema_power_stds")
+        if self.train.ema_default not in names:
+            raise ValueError(f"train.ema_default {self.train.ema_default!r} is not a tracked EMA; tracked: "
+                             f"{', '.join(names)}")
         if self.data.normalization == "scale" and self.data.scale is None:
             raise ValueError("data.normalization 'scale' needs data.scale (e.g. 0.18215)")
 

@@ -21,6 +21,7 @@ from slct.sigmas import karras_sigmas
 
 __all__ = [
     "stage_length_steps",
+    "curriculum_stages",
     "num_scales",
     "timestep_probabilities",
     "sample_timestep_indices",
@@ -44,28 +45,48 @@ def _check_stages(s0: int, s1: int) -> None:
 # Curriculum (paper eq. 10)
 
 
-def stage_length_steps(total_steps: int, s0: int = 10, s1: int = 640) -> int:
-    """Steps per curriculum stage ``K' = floor(K / (log2 floor(s1/s0) + 1))`` (paper eq. 10).
+def stage_length_steps(total_steps: int, s0: int = 10, s1: int = 640, min_stage_steps: int = 0) -> int:
+    """Steps per curriculum stage ``K' = floor(K / (log2 floor(s1/s0) + 1))`` (paper eq. 10), at least
+    ``min_stage_steps``.
 
     ``log2 floor(s1/s0) + 1`` is the number of stages (7 for the paper's 10 -> 640, 8 for
     iCT's 10 -> 1280). When ``total_steps`` is smaller than that, eq. 10 gives ``K' = 0``; we
     return 1 instead, so a short (smoke-test) run still walks the curriculum one stage per step
     and then stays at ``s1 + 1``.
+
+    ``min_stage_steps`` (beyond the paper; 0 = eq. 10 exactly) keeps eq. 10's doubling but never lets a stage be
+    shorter than that: a short run then walks fewer stages (it ends below ``s1 + 1``) instead of giving each one
+    fewer steps than the optimiser's memory (RAdam's beta2 = 0.999 remembers ~1,000 steps).
     """
     _check_int("total_steps", total_steps, 1)
     _check_stages(s0, s1)
+    _check_int("min_stage_steps", min_stage_steps, 0)
     n_stages = math.log2(s1 // s0) + 1
-    return max(1, math.floor(total_steps / n_stages))
+    return max(1, math.floor(total_steps / n_stages), min_stage_steps)
 
 
-def num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 640) -> int:
+def curriculum_stages(total_steps: int, s0: int = 10, s1: int = 640, min_stage_steps: int = 0) -> list[dict]:
+    """The stages a run of ``total_steps`` walks: [{"start", "steps", "n_scales"}], the last one up to K."""
+    k_prime = stage_length_steps(total_steps, s0, s1, min_stage_steps)
+    stages: list[dict] = []
+    for start in range(0, total_steps, k_prime):
+        n = num_scales(start, total_steps, s0, s1, min_stage_steps)
+        if stages and stages[-1]["n_scales"] == n:
+            stages[-1]["steps"] += min(k_prime, total_steps - start)
+            continue
+        stages.append({"start": start, "steps": min(k_prime, total_steps - start), "n_scales": n})
+    return stages
+
+
+def num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 640, min_stage_steps: int = 0) -> int:
     """Number of grid points ``N(k) = min(s0 * 2^floor(k/K'), s1) + 1`` (paper eq. 10).
 
     ``step`` is the 0-based iteration k; it may exceed ``total_steps`` (N stays at ``s1 + 1``).
-    For s0 = 10, s1 = 640 the sequence is 11, 21, 41, 81, 161, 321, 641.
+    For s0 = 10, s1 = 640 the sequence is 11, 21, 41, 81, 161, 321, 641. ``min_stage_steps``: see
+    ``stage_length_steps``.
     """
     _check_int("step", step, 0)
-    stage_steps = stage_length_steps(total_steps, s0, s1)
+    stage_steps = stage_length_steps(total_steps, s0, s1, min_stage_steps)
     # s0 * 2^e > s1 once e reaches bit_length(s1 // s0): cap e so huge steps never build huge ints
     doublings = min(step // stage_steps, (s1 // s0).bit_length())
     return min(s0 * 2**doublings, s1) + 1

@@ -67,6 +67,7 @@ class ObjectiveConfig:
     p_std: float = 2.0  # ... and its std [2]
     s0: int = 10  # curriculum: initial number of intervals, N = s0 + 1 (eq. 10) [2]
     s1: int = 640  # curriculum: final number of intervals (iCT's CIFAR-10: 1280) [2]
+    min_stage_steps: int = 0  # curriculum stages last at least this long (fewer stages in short runs); 0 = eq. 10
     loss: str = "cauchy"  # robust distance, a key of slct.losses.LOSSES (eqs. 6-8) [3]
     loss_reduction: str = "mean"  # "mean" over elements (authors' code) | "sum" (paper/iCT) [3]
     c_schedule: str = "adaptive"  # "adaptive" (eq. 11) | "adaptive-code" | "fixed" (iCT) [3]
@@ -96,7 +97,7 @@ class ObjectiveConfig:
             _positive(name, getattr(self, name), allow_zero=name == "diffusion_weight")
         for name in ("p_mean", "edm_p_mean"):
             _finite(name, getattr(self, name))
-        for name, minimum in (("s0", 1), ("s1", self.s0)):
+        for name, minimum in (("s0", 1), ("s1", self.s0), ("min_stage_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -273,7 +274,7 @@ class ConsistencyObjective(_Objective):
         """``indices``: lower indices in ``[0, N - 2]``."""
         cfg = self.cfg
         device, batch = x0.device, x0.shape[0]
-        n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1)
+        n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
         c = c_schedule(cfg.c_schedule, n_scales, x0[0].numel(), cfg.s0, c0=cfg.c0)
 
         # indices, grid and weights stay on the CPU in float64: no device sync for the stats

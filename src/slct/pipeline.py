@@ -69,7 +69,7 @@ def make_batch(dataset, global_indices: np.ndarray, step: int, cfg, rank: int, w
     noise = torch.randn((batch, *latent_shape), generator=g)
     indices = None
     if obj.kind == "consistency":
-        n = num_scales(step, cfg.train.total_steps, obj.s0, obj.s1)
+        n = num_scales(step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
         indices = sample_timestep_indices(n, batch, obj.p_mean, obj.p_std, generator=g, sigma_min=obj.sigma_min,
                                           sigma_max=obj.sigma_max, rho=obj.rho)
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=g))

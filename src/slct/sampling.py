@@ -115,19 +115,42 @@ def default_nfe(objective_cfg, sampling_cfg) -> list[int]:
 # Snapshots
 
 
-def snapshot_payload(cfg, model_state_by_decay: dict, network_kwargs: dict, codec_spec: dict, normalizer: dict,
-                     latent_shape, num_classes: int, step: int, nimg: int, data_source: dict | None = None) -> dict:
+def snapshot_payload(cfg, weights_by_name: dict, network_kwargs: dict, codec_spec: dict, normalizer: dict,
+                     latent_shape, num_classes: int, step: int, nimg: int, data_source: dict | None = None,
+                     ema_default: str | None = None) -> dict:
     """Tensors and plain values only: snapshots load with ``weights_only=True`` (see ``slct.checkpoint``).
 
-    ``data_source``: which images the run trained on (the dataset manifest's source and selection), so an
-    evaluation can refuse a "held-out" reference that overlaps them.
+    ``weights_by_name``: state dicts by EMA name ("rampup", "0.9999", "std=0.05", ...; "online" for the online
+    weights); ``ema_default`` the one sampling uses unless told. ``data_source``: which images the run trained on
+    (the dataset manifest's source and selection), so an evaluation can refuse a "held-out" reference that
+    overlaps them.
     """
     return {
         "format": SNAPSHOT_FORMAT, "slct_version": __version__, "config": cfg.to_dict(),
-        "network_kwargs": network_kwargs, "ema": {str(k): v for k, v in model_state_by_decay.items()},
-        "codec": codec_spec, "normalizer": normalizer, "latent_shape": list(latent_shape),
+        "network_kwargs": network_kwargs, "ema": {str(k): v for k, v in weights_by_name.items()},
+        "ema_default": ema_default, "codec": codec_spec, "normalizer": normalizer, "latent_shape": list(latent_shape),
         "num_classes": num_classes, "step": step, "nimg": nimg, "data_source": data_source,
     }
+
+
+def resolve_ema_name(requested: str | float | None, available: list[str], default: str | None = None) -> str:
+    """The stored weights ``requested`` names: an EMA name ("rampup", "std=0.05"), a decay (0.9999 or "0.9999"),
+    "online", or None for the default."""
+    from slct.ema import default_ema
+
+    if requested is None:
+        return default_ema([n for n in available if n != "online"], default)
+    text = str(requested)
+    candidates = [text]
+    try:
+        number = float(text.removeprefix("std="))
+        candidates += [str(number), f"std={number:g}"]
+    except ValueError:
+        pass
+    for name in candidates:
+        if name in available:
+            return name
+    raise ValueError(f"--ema {requested}: not stored here; available: {', '.join(available)}")
 
 
 def find_snapshot(path: str | Path) -> Path:
@@ -153,7 +176,7 @@ class Snapshot:
     latent_shape: tuple
     num_classes: int
     step: int
-    ema_decay: float
+    ema: str  # which stored weights: an EMA name or "online"
     device: torch.device
     _codec: object = None
     data_source: dict | None = None  # the training images (dataset manifest's source and selection), if recorded
@@ -179,32 +202,41 @@ class Snapshot:
 
     def info(self) -> dict:
         return {"path": str(self.path), "sha256": file_sha256(self.path), "step": self.step,
-                "ema_decay": self.ema_decay, "codec": self.codec_spec, "latent_shape": list(self.latent_shape),
+                "ema": self.ema, "codec": self.codec_spec, "latent_shape": list(self.latent_shape),
                 "config": self.config.to_dict()}
 
 
-def load_snapshot(path: str | Path, device="cpu", ema: float | None = None) -> Snapshot:
-    """Load a snapshot (or a run directory's newest); ``ema`` picks the EMA decay (default: the largest)."""
+def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None) -> Snapshot:
+    """Load a snapshot, a run directory's newest, or a training checkpoint (its EMAs and online weights).
+
+    ``ema`` picks the weights: an EMA name ("rampup", "std=0.05"), a decay (0.9999), "online", or None for the
+    run's default (``train.ema_default``).
+    """
     from slct.config import config_from_dict
     from slct.data import Normalizer
     from slct.nn import build_network
     from slct.precond import Precond, PrecondModel
 
     path = find_snapshot(path)
-    payload = checkpoint.load(path, expect=SNAPSHOT_FORMAT)  # never runs code from the file
+    payload = checkpoint.load(path, expect=(SNAPSHOT_FORMAT, checkpoint.CHECKPOINT_FORMAT))  # never runs its code
+    if payload["format"] == checkpoint.CHECKPOINT_FORMAT:  # a training checkpoint: its EMAs and online weights
+        state = payload["ema"]
+        names = state.get("names") or [str(float(d)) for d in state.get("decays", [])]
+        weights = {**dict(zip(names, state["shadows"])), "online": payload["model"]}
+        default = payload["config"]["train"].get("ema_default")
+    else:
+        weights, default = payload["ema"], payload.get("ema_default")
     cfg = config_from_dict(payload["config"])
-    decays = sorted(float(k) for k in payload["ema"])
-    decay = decays[-1] if ema is None else float(ema)
-    if str(decay) not in payload["ema"]:
-        raise ValueError(f"{path} has EMA decays {decays}; --ema {ema} is not among them")
+    name = resolve_ema_name(ema, list(weights), default)
     net = build_network(cfg.network.name, **payload["network_kwargs"])
     obj = cfg.objective
     model = PrecondModel(net, Precond(sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind))
-    model.load_state_dict(payload["ema"][str(decay)])
+    model.load_state_dict(weights[name])
     device = torch.device(device)
     model.to(device).eval()
     return Snapshot(path, model, cfg, payload["codec"], Normalizer.from_dict(payload["normalizer"]).to(device),
-                    tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["step"]), decay, device,
+                    tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["state"]["step"]
+                    if "state" in payload else payload["step"]), name, device,
                     data_source=payload.get("data_source"))
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from slct import __version__, checkpoint, distributed
 from slct.config import Config
-from slct.ema import EMA
+from slct.ema import EMA, PowerEMA, default_ema, profiles_from_config
 from slct.model import build_model, count_parameters, network_kwargs
 from slct.objectives import build_objective
 from slct.pipeline import BatchPipeline, step_seed
@@ -164,6 +164,20 @@ def _state_finite(model, optimizer, ema) -> bool:
     return _all_finite([*model.state_dict().values(), *moments, *shadows])
 
 
+def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """RAdam (REFERENCE [8]) with the weight-decay options: coupled (authors) or decoupled, on every tensor
+    (authors) or on the matrices and kernels only (``decay_norms_and_biases=False``: no decay on 1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 and not optim_cfg.decay_norms_and_biases else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.RAdam(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             decoupled_weight_decay=optim_cfg.decoupled_weight_decay)
+
+
 class TrainingDiverged(RuntimeError):
     """Non-finite steps continued after train.max_rollbacks rollbacks; the run stopped (its checkpoints are finite)."""
 
@@ -227,9 +241,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.RAdam(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    ema = EMA(model, cfg.train.ema_decays)
+    optimizer = build_optimizer(cfg.optim, model)
+    ema = EMA(model, profiles_from_config(cfg.train))
     objective = build_objective(cfg.objective, cfg.train.total_steps)
     state = TrainState()
     meta = {"codec": dataset.codec_spec, "normalizer": dataset.normalizer.to_dict(), "latent_shape": list(latent_shape),
@@ -244,7 +257,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
         elif dist.world_size > 1:  # identical initial weights everywhere
             for t in model.state_dict().values():
                 torch.distributed.broadcast(t, src=0)
-            ema = EMA(model, cfg.train.ema_decays)
+            ema = EMA(model, profiles_from_config(cfg.train))
         if dist.is_main:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (run_dir / "run.json").write_text(json.dumps({
@@ -299,7 +312,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     if cfg.optim.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                     optimizer.step()
-                    ema.update(model)
+                    ema.update(model, state.step + 1, state.nimg + cfg.train.batch_size, cfg.train.batch_size)
                     health.consecutive_bad = 0
                     health.last_finite_loss, health.last_finite_step = loss_value, state.step
                 else:  # skipped on every rank alike (the flag was all-reduced)
@@ -326,8 +339,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                 if health.checkpoint_due and ok:  # never inside a streak of non-finite steps
                     health.checkpoint_due = not _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state,
                                                                  dist, logger)
-                if dist.is_main and (state.step % cfg.checkpoint.snapshot_every_steps == 0 or state.step == total):
-                    _save_snapshot(run_dir, cfg, meta, ema, state)
+                if dist.is_main and (stopping or state.step % cfg.checkpoint.snapshot_every_steps == 0):
+                    _save_snapshot(run_dir, cfg, meta, model, ema, state)  # a run stopped early has one too
+                every = cfg.train.ema_power_every_steps
+                if dist.is_main and every and (state.step % every == 0 or state.step == total):
+                    _save_snapshot(run_dir / "power-ema", cfg, meta, None, ema, state, power_only=True)
                 every = cfg.logging.sample_every_steps
                 if dist.is_main and ((every and state.step % every == 0) or state.step == total):
                     logger.sample_grids(model, ema, state.step, latent_shape)
@@ -453,7 +469,10 @@ def _save_checkpoint(run_dir, cfg, meta, model, optimizer, ema, state, dist, log
 
 def _load_checkpoint(path, cfg, meta, model, optimizer, ema, state) -> None:
     ckpt = checkpoint.load(path, expect=checkpoint.CHECKPOINT_FORMAT)  # never runs code from the file
-    diffs = config_differences(ckpt["config"], cfg.to_dict())
+    from slct.config import config_from_dict
+
+    # the saved config through today's dataclasses: keys added since it was written take their defaults
+    diffs = config_differences(config_from_dict(ckpt["config"]).to_dict(), cfg.to_dict())
     if diffs:
         raise ValueError(f"{path} was written by a run with another config ({'; '.join(diffs)}); re-run with the "
                          "same settings to resume, or use another --out for a new run")
@@ -508,13 +527,20 @@ def _rollback(run_dir, cfg, meta, model, optimizer, ema, state, logger) -> None:
                  f"(rollback {state.rollbacks} of at most {cfg.train.max_rollbacks})", at)
 
 
-def _save_snapshot(run_dir, cfg, meta, ema, state) -> Path:
+def _save_snapshot(run_dir, cfg, meta, model, ema, state, power_only: bool = False) -> Path:
+    """A snapshot: every tracked EMA and the online weights (for sampling; ``power_only``: the power EMAs alone,
+    the material of `slct ema`'s post-hoc reconstruction)."""
     from slct.sampling import snapshot_payload
 
-    weights = {d: ema.weights(d) for d in ema.decays}
+    names = [p.name for p in ema.profiles if isinstance(p, PowerEMA) or not power_only]
+    weights = {name: ema.weights(name) for name in names}
+    if model is not None:
+        weights["online"] = model.state_dict()
     payload = snapshot_payload(cfg, weights, meta["network_kwargs"], meta["codec"], meta["normalizer"],
                                meta["latent_shape"], meta["num_classes"], state.step, state.nimg,
-                               data_source=meta.get("data_source"))
+                               data_source=meta.get("data_source"),
+                               ema_default=default_ema(names, cfg.train.ema_default))
+    Path(run_dir).mkdir(exist_ok=True)
     path = Path(run_dir) / f"snapshot-{state.step:08d}.pt"
     return checkpoint.save_atomic(payload, path, what=f"snapshot {state.step}")
 
@@ -617,9 +643,10 @@ class _Logger:
 
     @contextlib.contextmanager
     def _ema_model(self, model, ema):
-        """The model in eval mode with the largest-decay EMA weights, restored afterwards; yields (decay, decode),
-        decode mapping normalised latents to images through the run's codec (built once per run)."""
-        decay = ema.decays[-1]
+        """The model in eval mode with the default EMA's weights (``train.ema_default``, as snapshots), restored
+        afterwards; yields (EMA name, decode), decode mapping normalised latents to images through the run's codec
+        (built once per run)."""
+        decay = default_ema(ema.names, self.cfg.train.ema_default)
         backup = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(ema.weights(decay))
         model.eval()
@@ -649,7 +676,7 @@ class _Logger:
 
     @torch.no_grad()
     def evaluate(self, model, ema, step: int, latent_shape) -> None:
-        """FD (and precision/recall) of the largest-decay EMA model on logging.eval_n samples, per NFE."""
+        """FD (and precision/recall) of the default EMA model on logging.eval_n samples, per NFE."""
         from slct.eval.evaluate import evaluate_many, extractor_for_reference
         from slct.eval.reference import load_reference
         from slct.sampling import default_nfe, sample_latents

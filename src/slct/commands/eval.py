@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations to evaluate; None: the run's (1 2 for consistency models)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch or process count")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay of the snapshot; None: its largest")
+    p.add_argument("--ema", default=None, help="which weights of the snapshot: an EMA name (rampup, std=0.05), a "
+                   "decay (0.9999) or 'online'; None: the run's default (train.ema_default)")
     p.add_argument("--limit", type=int, default=None,
                    help="use N images of --images spread evenly over them (as `slct encode --limit`)")
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall (3: the paper's recall)")

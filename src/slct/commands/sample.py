@@ -9,15 +9,18 @@ HELP = "generate images from a snapshot (1-step, 2-step, k-step; per-sample seed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("snapshot", help="a snapshot-*.pt file or a run directory (its newest snapshot)")
+    p.add_argument("snapshot", help="a snapshot-*.pt file, a run directory (its newest snapshot) or a training "
+                   "checkpoint (checkpoints/checkpoint-*.pt: its EMAs and online weights)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations: 1, 2 or k for consistency models (default 1 2); the solver's NFE for ldm")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever --batch or the process count")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sigma-mid", type=float, default=None, help="2-step intermediate sigma (default: the run's)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay to sample from (default: the largest)")
-    p.add_argument("--format", choices=("grid", "png", "npz"), default="grid")
+    p.add_argument("--ema", default=None, help="which weights: an EMA name (rampup, std=0.05), a decay (0.9999) or "
+                   "'online'; None: the run's default (train.ema_default)")
+    p.add_argument("--format", nargs="+", choices=("grid", "png", "npz"), default=["grid"],
+                   help="one or more of: grid (one PNG), png (one file per sample), npz (images, latents, seeds)")
     p.add_argument("--out", default=None, help="output directory (default: <run>/samples-cli)")
     p.add_argument("--device", default="auto")
 
@@ -44,21 +47,25 @@ def run(args) -> int:
     from slct.sampling import default_nfe
 
     nfes = args.nfe or default_nfe(snap.config.objective, snap.config.sampling)
-    out = Path(args.out) if args.out else find_snapshot(args.snapshot).parent / "samples-cli"
+    base = find_snapshot(args.snapshot).parent
+    if base.name in ("checkpoints", "power-ema", "posthoc-ema"):  # the run directory above them
+        base = base.parent
+    out = Path(args.out) if args.out else base / "samples-cli"
     seeds = list(range(args.seed, args.seed + args.n))
     mine = seeds[dist.rank::dist.world_size]  # disjoint shares; each sample depends on its seed only
+    formats = set(args.format)
     for nfe in nfes:
         images, latents = [], []
         for i in tqdm(range(0, len(mine), args.batch), desc=f"nfe={nfe}", disable=not dist.is_main):
             chunk = mine[i:i + args.batch]
             z = snap.sample_latents(chunk, nfe)
             x = snap.decode(z)
-            if args.format == "png":
+            if "png" in formats:
                 save_pngs(x, out / f"nfe{nfe}", [f"{s:06d}.png" for s in chunk])
-            else:
+            if formats & {"grid", "npz"}:
                 images.append(x.cpu())
                 latents.append(z.cpu())
-        if args.format == "png":
+        if not formats & {"grid", "npz"}:
             continue
         gathered = distributed.gather_objects((mine, torch.cat(images) if images else None,
                                                torch.cat(latents) if latents else None))
@@ -68,13 +75,13 @@ def run(args) -> int:
         x = torch.stack([gathered[k][1][j] for _, k, j in order])
         z = torch.stack([gathered[k][2][j] for _, k, j in order])
         out.mkdir(parents=True, exist_ok=True)
-        if args.format == "grid":
-            path = save_grid(x, out / f"grid-nfe{nfe}.png")
-        else:
+        if "grid" in formats:
+            print(f"nfe={nfe}: {len(seeds)} samples -> {save_grid(x, out / f'grid-nfe{nfe}.png')}")
+        if "npz" in formats:
             path = out / f"samples-nfe{nfe}.npz"
             np.savez(path, images=to_uint8(x), latents=z.numpy(), seeds=np.array(seeds))
-        print(f"nfe={nfe}: {len(seeds)} samples -> {path}")
-    if dist.is_main and args.format == "png":
+            print(f"nfe={nfe}: {len(seeds)} samples -> {path}")
+    if dist.is_main and "png" in formats:
         print(f"{len(seeds)} samples per NFE -> {out}/nfe*/")
     distributed.shutdown()
     return 0

@@ -83,7 +83,7 @@ def dry_run_report(cfg) -> str:
     """The resolved config as YAML plus what follows from it (curriculum stages, c per stage, model size)."""
     import yaml
 
-    from slct.curriculum import c_schedule, num_scales, stage_length_steps
+    from slct.curriculum import C_SCHEDULES, c_schedule, curriculum_stages, stage_length_steps
 
     obj, tr = cfg.objective, cfg.train
     lines = ["# resolved config", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), "", "# derived"]
@@ -96,17 +96,17 @@ def dry_run_report(cfg) -> str:
     for s in shape:
         dim *= s
     if obj.kind == "consistency":
-        k_prime = stage_length_steps(tr.total_steps, obj.s0, obj.s1)
-        lines.append(f"stage length K': {k_prime:,} steps (paper eq. 10, s0={obj.s0}, s1={obj.s1})")
-        lines.append(f"{'from step':>10} {'N':>6} {'c (' + obj.c_schedule + ')':>22}")
-        seen = []
-        for step in range(0, tr.total_steps + 1, max(k_prime, 1)):
-            n = num_scales(step, tr.total_steps, obj.s0, obj.s1)
-            if n in seen:
-                continue
-            seen.append(n)
-            c = c_schedule(obj.c_schedule, n, dim, obj.s0, c0=obj.c0)
-            lines.append(f"{step:>10,} {n:>6} {c:>22.6g}")
+        k_prime = stage_length_steps(tr.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
+        floor = f", at least {obj.min_stage_steps:,} (objective.min_stage_steps)" if obj.min_stage_steps else ""
+        lines.append(f"stage length K': {k_prime:,} steps (paper eq. 10, s0={obj.s0}, s1={obj.s1}{floor})")
+        lines.append(f"{'from step':>10} {'steps':>9} {'N':>6} {'c (' + obj.c_schedule + ')':>22}")
+        for stage in curriculum_stages(tr.total_steps, obj.s0, obj.s1, obj.min_stage_steps):
+            c = c_schedule(obj.c_schedule, stage["n_scales"], dim, obj.s0, c0=obj.c0) \
+                if obj.c_schedule in C_SCHEDULES else float("nan")
+            lines.append(f"{stage['start']:>10,} {stage['steps']:>9,} {stage['n_scales']:>6} {c:>22.6g}")
+        if k_prime < 1000 and tr.total_steps >= 1000 and not obj.min_stage_steps:
+            lines.append(f"note: stages of {k_prime} steps are shorter than RAdam's memory (~1,000 steps at beta2 "
+                         "0.999); objective.min_stage_steps gives each stage a floor (fewer stages)")
     try:
         from slct.model import build_model, count_parameters
 
