@@ -39,7 +39,8 @@ HAS_SHIFT = {name: name != "rms" for name in REFERENCE}
 
 
 def test_registry_names():
-    assert set(NORMS) == set(REFERENCE)
+    # the per-element norms need the feature-map size: tested on their own below
+    assert set(NORMS) == set(REFERENCE) | {"layer-elementwise", "nonscaling-layer-elementwise"}
     with pytest.raises(ValueError, match="nonscaling-layer"):  # the message lists the allowed names
         norm_layer("batch", 8)
     with pytest.raises(ValueError, match="channels"):
@@ -145,3 +146,39 @@ def test_token_norm_mapping():
     torch.testing.assert_close(inorm(x), expected)
     rms = TokenNorm("rms", 16)
     torch.testing.assert_close(rms(x), x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6))
+
+
+def test_elementwise_nonscaling_layernorm_is_the_authors_frozen_weight_layernorm():
+    """The authors' NsLN: nn.LayerNorm([C, H, W]) with its weight frozen at 1 -> a per-element shift, no scale."""
+    from slct.nn.norms import NonScalingElementwiseLayerNorm
+
+    norm = norm_layer("nonscaling-layer-elementwise", 6, resolution=4)
+    assert isinstance(norm, NonScalingElementwiseLayerNorm)
+    assert [(n, tuple(p.shape)) for n, p in norm.named_parameters()] == [("bias", (6, 4, 4))]  # no trainable scale
+    reference = torch.nn.LayerNorm([6, 4, 4], eps=1e-5)
+    reference.weight.requires_grad_(False)
+    with torch.no_grad():
+        shift = torch.randn(6, 4, 4)
+        norm.bias.copy_(shift)
+        reference.bias.copy_(shift)
+    x = torch.randn(3, 6, 4, 4) * 5 + 2
+    torch.testing.assert_close(norm(x), reference(x), rtol=1e-5, atol=1e-5)
+    scaled = norm_layer("layer-elementwise", 6, resolution=4)
+    assert {n: tuple(p.shape) for n, p in scaled.named_parameters()} == {"weight": (6, 4, 4), "bias": (6, 4, 4)}
+    with pytest.raises(ValueError, match="needs the feature-map size"):
+        norm_layer("nonscaling-layer-elementwise", 6)
+
+
+def test_unet_builds_elementwise_norms_at_every_level_and_dit_refuses_them():
+    from slct.nn import build_network
+
+    net = build_network("unet-tiny", in_channels=3, resolution=8, block_norm="nonscaling-layer-elementwise",
+                        out_norm="nonscaling-layer-elementwise")
+    shapes = {tuple(p.shape[1:]) for n, p in net.named_parameters() if n.endswith("norm0.bias") or
+              n.endswith("norm1.bias")}
+    assert shapes == {(8, 8), (4, 4)}  # both levels, including across the down/up resampling blocks
+    assert not [n for n, _ in net.named_parameters() if "norm" in n and n.endswith("weight")]
+    out = net(torch.randn(2, 3, 8, 8), torch.zeros(2))
+    assert out.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="only the UNet provides it"):
+        build_network("dit-tiny", block_norm="nonscaling-layer-elementwise")

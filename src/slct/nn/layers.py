@@ -173,12 +173,12 @@ class Attention2d(nn.Module):
     identity. Softmax scale 1/sqrt(C/heads).
     """
 
-    def __init__(self, channels: int, num_heads: int, norm: str = "group"):
+    def __init__(self, channels: int, num_heads: int, norm: str = "group", resolution: int | None = None):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
-        self.norm = norm_layer(norm, channels)
+        self.norm = norm_layer(norm, channels, resolution=resolution)
         self.qkv = conv2d(channels, 3 * channels, 1)
         self.proj = conv2d(channels, channels, 1, zero_init=True)
 

@@ -16,7 +16,15 @@ name                   statistics over                  trainable
 ``rms``                all of C x spatial (no centring) per-channel scale
 ``nonscaling-layer``   all of C x spatial               per-channel shift only (eq. 12)
 ``nonscaling-group``   as ``group``                     per-channel shift only
+``layer-elementwise``  all of C x H x W                 per-element scale and shift (C, H, W)
+``nonscaling-layer-    all of C x H x W                 per-element shift only: the authors'
+elementwise``                                           code, nn.LayerNorm([C, H, W]) with the
+                                                        weight frozen at 1
 =====================  ===============================  =====================================
+
+The ``-elementwise`` norms need the feature-map size when they are built (``norm_layer(name, C,
+resolution=R)``); the UNet passes it, the DiT cannot (its tokens have no per-element layout) and
+says so. They cost C x H x W parameters per norm (about 10M more in the paper's UNet).
 
 The non-scaling norms have *no* scale at all: the paper fixes it at 1 and excludes it from
 training, which is the same function as leaving the multiplication out, and it keeps the scale
@@ -39,6 +47,8 @@ __all__ = [
     "RMSNorm",
     "NonScalingLayerNorm",
     "NonScalingGroupNorm",
+    "ElementwiseLayerNorm",
+    "NonScalingElementwiseLayerNorm",
     "group_count",
     "norm_layer",
 ]
@@ -127,6 +137,41 @@ class NonScalingGroupNorm(_GroupwiseNorm):
         super().__init__(channels, group_count(channels, num_groups), eps, learn_scale=False)
 
 
+class ElementwiseLayerNorm(nn.Module):
+    """LayerNorm over (C, H, W) of each sample with a per-element (C, H, W) scale and shift (``nn.LayerNorm([C, H,
+    W])``); ``learn_scale=False`` is the authors' Non-scaling LayerNorm (their weight frozen at 1, here absent)."""
+
+    mixes_channels = True
+    needs_resolution = True
+
+    def __init__(self, channels: int, resolution: int, eps: float = 1e-5, learn_scale: bool = True):
+        super().__init__()
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        self.shape = (channels, resolution, resolution)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(self.shape)) if learn_scale else None
+        self.bias = nn.Parameter(torch.zeros(self.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"{type(self).__name__} was built for (B, {', '.join(map(str, self.shape))}), got "
+                             f"{tuple(x.shape)}")
+        weight = None if self.weight is None else self.weight.float()
+        y = F.layer_norm(x.float(), self.shape, weight, None, self.eps) + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.shape}, eps={self.eps}, scale={'learned' if self.weight is not None else 'fixed at 1'}"
+
+
+class NonScalingElementwiseLayerNorm(ElementwiseLayerNorm):
+    """Non-scaling LayerNorm as in the authors' code (eq. 12 with a per-element shift beta of shape (C, H, W))."""
+
+    def __init__(self, channels: int, resolution: int, eps: float = 1e-5):
+        super().__init__(channels, resolution, eps, learn_scale=False)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over (C, *spatial) of each sample, x / sqrt(mean(x^2) + eps) * scale; no shift, no centring."""
 
@@ -156,12 +201,15 @@ NORMS: dict[str, type[nn.Module]] = {
     "rms": RMSNorm,
     "nonscaling-layer": NonScalingLayerNorm,
     "nonscaling-group": NonScalingGroupNorm,
+    "layer-elementwise": ElementwiseLayerNorm,
+    "nonscaling-layer-elementwise": NonScalingElementwiseLayerNorm,
 }
 
 
-def norm_layer(name: str, channels: int, **kwargs) -> nn.Module:
+def norm_layer(name: str, channels: int, resolution: int | None = None, **kwargs) -> nn.Module:
     """Build the norm registered as ``name`` for ``channels`` channels (``NORMS``; REFERENCE.md [6]).
 
+    ``resolution``: the feature maps' H = W, used by the per-element norms only (others ignore it).
     ``kwargs`` go to the class, e.g. ``eps`` (all norms) or ``num_groups`` (group norms).
     Raises ValueError for an unknown name or a non-positive channel count.
     """
@@ -169,4 +217,10 @@ def norm_layer(name: str, channels: int, **kwargs) -> nn.Module:
         raise ValueError(f"norm {name!r} is unknown; allowed: {', '.join(NORMS)}")
     if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
-    return NORMS[name](channels, **kwargs)
+    cls = NORMS[name]
+    if getattr(cls, "needs_resolution", False):
+        if resolution is None:
+            raise ValueError(f"norm {name!r} has per-element parameters and needs the feature-map size; only the "
+                             "UNet provides it (use 'nonscaling-layer' elsewhere)")
+        return cls(channels, resolution, **kwargs)
+    return cls(channels, **kwargs)

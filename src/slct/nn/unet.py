@@ -35,7 +35,7 @@ class UNetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, *,
                  resample: str = "none", attention: bool = False, channels_per_head: int = 64,
-                 dropout: float = 0.0, norm: str = "group"):
+                 dropout: float = 0.0, norm: str = "group", resolution: int | None = None):
         super().__init__()
         if resample not in RESAMPLE:
             raise ValueError(f"resample {resample!r} is unknown; allowed: {', '.join(RESAMPLE)}")
@@ -43,14 +43,16 @@ class UNetBlock(nn.Module):
         self.out_channels = out_channels
         self.resample = RESAMPLE[resample]
         self.dropout = dropout
-        self.norm0 = norm_layer(norm, in_channels)
+        # resolution: the input's H = W (needed by the per-element norms only); resampling changes it
+        out_res = None if resolution is None else {"down": resolution // 2, "up": resolution * 2}.get(resample, resolution)
+        self.norm0 = norm_layer(norm, in_channels, resolution=resolution)
         self.conv0 = conv2d(in_channels, out_channels, 3)
         self.affine = linear(emb_channels, 2 * out_channels)
-        self.norm1 = norm_layer(norm, out_channels)
+        self.norm1 = norm_layer(norm, out_channels, resolution=out_res)
         self.conv1 = conv2d(out_channels, out_channels, 3, zero_init=True)
         self.skip = conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         num_heads = max(1, out_channels // channels_per_head)
-        self.attn = Attention2d(out_channels, num_heads, norm) if attention else None
+        self.attn = Attention2d(out_channels, num_heads, norm, resolution=out_res) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = self.resample(x)
@@ -117,11 +119,12 @@ class DhariwalUNet(nn.Module):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = conv2d(in_channels, cout, 3)
             else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, resample="down", **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, resample="down", resolution=2 * res,
+                                                          **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, channels[level]
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs)
+                    cin, cout, attention=res in attn_resolutions, resolution=res, **block_kwargs)
         skips = [m.out_channels for m in self.enc.values()]
 
         # Decoder: middle at the lowest resolution, then num_blocks + 1 skip-consuming blocks per level.
@@ -130,19 +133,20 @@ class DhariwalUNet(nn.Module):
         for level in reversed(range(len(channel_mult))):
             res = resolutions[level]
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, resolution=res, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, resolution=res, **block_kwargs)
                 takes_skip += [False, False]
             else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, resample="up", **block_kwargs)
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, resample="up", resolution=res // 2,
+                                                        **block_kwargs)
                 takes_skip.append(False)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels[level]
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs)
+                    cin, cout, attention=res in attn_resolutions, resolution=res, **block_kwargs)
                 takes_skip.append(True)
         self._takes_skip = tuple(takes_skip)
-        self.out_norm = norm_layer(out_norm, cout)
+        self.out_norm = norm_layer(out_norm, cout, resolution=resolution)
         self.out_conv = conv2d(cout, in_channels, 3, zero_init=True)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
