@@ -280,3 +280,26 @@ def test_weight_decay_options():
         assert torch.equal(p, b)
     authors = build_optimizer(tiny_cfg().optim, model)  # the default: coupled decay on every tensor (REFERENCE [8])
     assert len(authors.param_groups) == 1 and not authors.param_groups[0]["decoupled_weight_decay"]
+
+
+def test_diagnostics_per_noise_band_and_gradient_norm(tmp_path):
+    """metrics.jsonl carries the loss and r/(2c^2) quantiles per noise band and the gradient norm; training.png marks
+    the curriculum stages (checked through the rows it plots)."""
+    from slct.training import NOISE_BANDS, noise_band
+
+    assert noise_band(torch.tensor([0.002, 0.1, 0.5, 1.0, 9.9, 10.0, 80.0])).tolist() == [0, 1, 1, 2, 2, 3, 3]
+    train(tiny_cfg("slct", 10, 16), tmp_path, progress=False)
+    rows = [json.loads(r) for r in open(tmp_path / "metrics.jsonl") if '"loss"' in r]
+    last = rows[-1]
+    assert last["grad_norm"] > 0
+    bands = [name for name, _, _ in NOISE_BANDS]
+    present = [b for b in bands if f"loss_sigma_{b}" in last]
+    assert present, last
+    for b in present:
+        assert last[f"loss_sigma_{b}"] >= 0 and 0 <= last[f"r2c2_p50_sigma_{b}"] <= last[f"r2c2_p90_sigma_{b}"]
+    assert (tmp_path / "training.png").stat().st_size > 20_000
+    ldm = tmp_path / "ldm"
+    train(load_config("ldm", "digits", sets=[*TINY, "train.total_steps=5", "train.batch_size=16",
+                                             "train.device=cpu"]), ldm, progress=False)
+    row = [json.loads(r) for r in open(ldm / "metrics.jsonl") if '"loss"' in r][-1]
+    assert any(k.startswith("loss_sigma_") for k in row) and not any(k.startswith("r2c2") for k in row)

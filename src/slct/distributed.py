@@ -44,13 +44,26 @@ def all_true(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v > 0.5) for v in t.tolist()]
 
 
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    # NCCL reduces CUDA tensors only: logging statistics live on the CPU, so they travel through the GPU there
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else values.device
+    out = values.to(device).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(values.device)
+
+
 def all_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over processes (for logging; every rank calls it)."""
     if not is_active():
         return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size()
+    return _all_reduce_sum(values) / dist.get_world_size()
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over processes (every rank calls it)."""
+    if not is_active():
+        return values
+    return _all_reduce_sum(values)
 
 
 def gather_objects(obj):

@@ -138,6 +138,10 @@ class LossTerms:
     diffusion: torch.Tensor
     total: torch.Tensor
     stats: dict[str, float] = field(default_factory=dict)
+    # diagnostics, detached: each sample's noise level (of the online pass; CPU float64) and squared distance r of
+    # the consistency pair (as the robust loss reduces it), for the per-noise-band logging
+    sigma: torch.Tensor | None = None
+    r: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,14 +306,16 @@ class ConsistencyObjective(_Objective):
         with torch.no_grad(), _seeded_rng(seed, device):
             target = model(x0 + _per_sample(sigma_lo, x0) * z, sigma_lo, labels)
         online = online.to(x0.dtype)
-        consistency = weight * robust_loss(cfg.loss, online, target.detach().to(x0.dtype), c, cfg.loss_reduction)
+        target = target.detach().to(x0.dtype)
+        consistency = weight * robust_loss(cfg.loss, online, target, c, cfg.loss_reduction)
+        r = robust_loss("l2", online.detach(), target, reduction=cfg.loss_reduction)  # the r of eqs. 6-8
 
         diffusion = torch.zeros_like(consistency)
         if n_selected > 0 and cfg.diffusion_weight > 0:
             rows = selected.nonzero().squeeze(1).to(device)
             term = self._diffusion_term(model, x0, z, labels, rows, online, sigma_lo, sigma_hi, seed)
             diffusion = diffusion.index_put((rows,), cfg.diffusion_weight * term * (batch / n_selected))
-        return LossTerms(consistency, diffusion, consistency + diffusion, stats)
+        return LossTerms(consistency, diffusion, consistency + diffusion, stats, sigmas[index + 1], r)
 
     def _diffusion_term(self, model, x0, z, labels, rows, online, sigma_lo, sigma_hi, seed) -> torch.Tensor:
         """``weighting * mse`` of the selected ``rows``, shape ``(len(rows),)`` (eq. 9, [4])."""
@@ -349,12 +355,13 @@ class EDMObjective(_Objective):
         sigma = (_randn((batch,), generator, torch.device("cpu")).double() * cfg.edm_p_std + cfg.edm_p_mean).exp()
         weight = (sigma**2 + cfg.sigma_data**2) / (sigma * cfg.sigma_data) ** 2
         stats = {"mean_sigma": float(sigma.mean()), "mean_weight": float(weight.mean()), "diffusion_fraction": 1.0}
+        sigma_cpu = sigma
         sigma, weight = sigma.to(device, x0.dtype), weight.to(device, x0.dtype)
         seeded = dropout_seed is not None
         with _seeded_rng(_check_seed(dropout_seed), device) if seeded else contextlib.nullcontext():
             denoised = model(x0 + _per_sample(sigma, x0) * z, sigma, labels).to(x0.dtype)
         total = weight * robust_loss("l2", denoised, x0, reduction=cfg.loss_reduction)
-        return LossTerms(torch.zeros_like(total), total, total, stats)
+        return LossTerms(torch.zeros_like(total), total, total, stats, sigma_cpu)
 
 
 # cfg.kind -> objective class

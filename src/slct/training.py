@@ -141,12 +141,12 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global gradient norm (float64; inf or nan when any gradient is), without a device sync."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.tensor(True)
-    norms = torch._foreach_norm(grads)
-    return torch.isfinite(torch.stack(norms)).all()
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(grads)).double().norm()
 
 
 def _all_finite(tensors) -> bool:
@@ -302,9 +302,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                             loss = loss_hook(state.step, loss)
                         (loss / len(micro)).backward()
                     logger.accumulate(terms, loss, batch.ot_seconds / len(micro))
-                loss_value, grads_ok = torch.stack([loss.detach().float().cpu(),
-                                                    _grads_finite(params).float().cpu()]).tolist()  # one sync
-                finite = math.isfinite(loss_value) and grads_ok == 1.0
+                loss_value, grad_norm = torch.stack([loss.detach().double().cpu(),
+                                                     _grad_norm(params).cpu()]).tolist()  # one sync
+                finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
                 in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
                 # one all-reduce agrees on all three, so every rank takes the same branch below
                 ok, go_on, in_time = distributed.all_true([finite, signals.received is None, in_time], device)
@@ -321,7 +321,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     health.consecutive_bad += 1
                 state.step += 1
                 state.nimg += cfg.train.batch_size
-                logger.step(state, lr, ok)
+                logger.step(state, lr, ok, grad_norm)
                 if not ok and health.consecutive_bad >= cfg.train.max_bad_steps:
                     if state.rollbacks >= cfg.train.max_rollbacks:
                         diverged = _divergence_message(run_dir, cfg, state, health, lr)
@@ -549,6 +549,17 @@ def _save_snapshot(run_dir, cfg, meta, model, ema, state, power_only: bool = Fal
 # logging
 
 
+# noise bands of the diagnostics (name, lowest sigma, highest sigma): where the 1-step samples are decided (> 1) and
+# where the diffusion loss and most of the Cauchy loss's gradient go (< 0.1)
+NOISE_BANDS = (("lt0.1", 0.0, 0.1), ("0.1-1", 0.1, 1.0), ("1-10", 1.0, 10.0), ("gt10", 10.0, math.inf))
+
+
+def noise_band(sigma: torch.Tensor) -> torch.Tensor:
+    """The NOISE_BANDS index of each sigma (int64, CPU)."""
+    edges = torch.tensor([b[1] for b in NOISE_BANDS[1:]], dtype=torch.float64)
+    return torch.bucketize(sigma.detach().double().cpu(), edges, right=True)
+
+
 class _Logger:
     """Progress bar, metrics.jsonl, optional TensorBoard, sample grids and the final plot (rank 0 only writes)."""
 
@@ -556,11 +567,7 @@ class _Logger:
 
     def __init__(self, run_dir: Path, cfg: Config, dataset, active: bool, progress: str, start: int, total: int):
         self.run_dir, self.cfg, self.active, self.progress, self.total = run_dir, cfg, active, progress, total
-        self.sums: dict[str, float] = {}
-        self.count = 0  # micro-batches accumulated since the last log line
-        self.steps = 0  # optimizer steps since the last log line
-        self.ot_seconds = 0.0
-        self.t_last = time.time()
+        self._reset_window(time.time())  # sums, counts and band statistics of the logging window
         self.stats: dict = {}
         self.bar = None
         self.tb = None
@@ -591,9 +598,18 @@ class _Logger:
         self.stats = terms.stats
         self.ot_seconds += ot_seconds
         self.count += 1
+        if terms.sigma is not None:  # per-noise-band loss sums (device) and counts (CPU)
+            band = noise_band(terms.sigma)
+            total = terms.total.detach().float()
+            sums = torch.zeros(len(NOISE_BANDS), device=total.device).index_add_(0, band.to(total.device), total)
+            self.band_sums = sums if self.band_sums is None else self.band_sums + sums
+            self.band_counts += torch.bincount(band, minlength=len(NOISE_BANDS))
+            self.last_r = (terms.r, band, terms.stats.get("c"))
 
-    def step(self, state: TrainState, lr: float, ok: bool) -> None:
+    def step(self, state: TrainState, lr: float, ok: bool, grad_norm: float = float("nan")) -> None:
         self.steps += 1
+        if ok and math.isfinite(grad_norm):
+            self.grad_norms.append(grad_norm)
         if self.bar is not None:
             self.bar.update(1)
         every = self.cfg.logging.log_every_steps
@@ -607,9 +623,10 @@ class _Logger:
         record = {"step": state.step, "nimg": state.nimg, **{k: float(v) for k, v in zip(self.KEYS, means)},
                   **{k: float(v) for k, v in self.stats.items()}, "lr": lr,
                   "images_per_s": steps * self.cfg.train.batch_size / seconds, "sec_per_step": seconds / steps,
-                  "ot_share": self.ot_seconds / seconds, "bad_steps": state.bad_steps, "time": now}
+                  "ot_share": self.ot_seconds / seconds, "bad_steps": state.bad_steps, "time": now,
+                  **self._band_record()}
         state.wall_seconds += seconds
-        self.sums, self.count, self.steps, self.ot_seconds, self.t_last = {}, 0, 0, 0.0, now
+        self._reset_window(now)
         if not self.active:
             return
         self.metrics.write(json.dumps(record) + "\n")
@@ -626,9 +643,37 @@ class _Logger:
                 if k not in ("step", "time"):
                     self.tb.add_scalar(k, v, state.step)
 
+    def _reset_window(self, now: float) -> None:
+        self.sums, self.count, self.steps, self.ot_seconds, self.t_last = {}, 0, 0, 0.0, now
+        self.band_sums, self.band_counts, self.last_r, self.grad_norms = None, torch.zeros(len(NOISE_BANDS)), None, []
+
+    def _band_record(self) -> dict:
+        """Diagnostics for when the loss says nothing: the loss per noise band over the logging window, r/(2c^2)
+        quantiles per band in the window's last batch (where the Cauchy loss is quadratic, ~1, or logarithmic,
+        >> 1) and the mean gradient norm."""
+        out: dict = {}
+        if self.grad_norms:
+            out["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        if self.band_sums is None:
+            return out
+        sums = distributed.all_sum(self.band_sums.float().cpu())
+        counts = distributed.all_sum(self.band_counts.float())
+        for (name, _, _), total, n in zip(NOISE_BANDS, sums.tolist(), counts.tolist()):
+            if n:
+                out[f"loss_sigma_{name}"] = total / n
+        r, band, c = self.last_r
+        if r is not None and c:
+            ratio = (r.detach().double().cpu() / (2 * c * c))
+            for i, (name, _, _) in enumerate(NOISE_BANDS):
+                values = ratio[band == i]
+                if len(values):
+                    q50, q90 = torch.quantile(values, torch.tensor([0.5, 0.9], dtype=torch.float64)).tolist()
+                    out[f"r2c2_p50_sigma_{name}"], out[f"r2c2_p90_sigma_{name}"] = q50, q90
+        return out
+
     def rewind(self, state: TrainState) -> None:
         """After a rollback: the bar and the throughput window restart from the restored step."""
-        self.sums, self.count, self.steps, self.ot_seconds, self.t_last = {}, 0, 0, 0.0, time.time()
+        self._reset_window(time.time())
         if self.bar is not None:
             self.bar.n = state.step
             self.bar.refresh()
@@ -709,7 +754,13 @@ class _Logger:
     def finish(self, done: bool) -> dict:
         self.metrics.close()
         files = {"metrics": self.run_dir / "metrics.jsonl"}
-        plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "training.png")
+        obj, stages = self.cfg.objective, None
+        if obj.kind == "consistency":
+            from slct.curriculum import curriculum_stages
+
+            stages = [st["start"] for st in curriculum_stages(self.cfg.train.total_steps, obj.s0, obj.s1,
+                                                               obj.min_stage_steps)]
+        plot = plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "training.png", stages)
         if plot:
             files["plot"] = plot
         return files
@@ -742,8 +793,9 @@ def trim_metrics(path: Path, step: int) -> int:
     return dropped
 
 
-def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
-    """Loss terms, c and N against the step, one PNG."""
+def plot_metrics(metrics_path: Path, out: Path, stage_starts: list[int] | None = None) -> Path | None:
+    """One PNG: loss terms, loss and r/(2c^2) per noise band, gradient norm, c, N (and FD when evaluated) against
+    the step, with the curriculum's stage starts (``stage_starts``) as dotted lines."""
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
     rows = list({r["step"]: r for r in rows if "step" in r}.values())  # after a rollback the latest row of a step wins
     rows.sort(key=lambda r: r["step"])
@@ -755,29 +807,45 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    panels = [("loss", ("loss", "consistency", "diffusion"), True), ("c", ("c",), True), ("N", ("n_scales",), False)]
+    bands = [name for name, _, _ in NOISE_BANDS]
+    panels = [("loss (rises with N: closer pairs, larger lambda; not divergence)", ("loss", "consistency", "diffusion"),
+               True),
+              ("loss per noise band (sigma)", tuple(f"loss_sigma_{b}" for b in bands), True),
+              ("r / (2c^2), median per band (>> 1: Cauchy's log regime)", tuple(f"r2c2_p50_sigma_{b}" for b in bands),
+               True),
+              ("gradient norm", ("grad_norm",), True), ("c", ("c",), True), ("N", ("n_scales",), False)]
+    panels = [p for p in panels if any(k in r for r in rows for k in p[1])]
     evals = [json.loads(line) for line in open(metrics_path) if '"eval_step"' in line]
-    fig, axes = plt.subplots(1, 3 + bool(evals), figsize=(13 + 4.3 * bool(evals), 3.4))
+    count = len(panels) + bool(evals)
+    cols = min(count, 4)
+    fig, axes = plt.subplots((count + cols - 1) // cols, cols, figsize=(4.4 * cols, 3.4 * ((count + cols - 1) // cols)),
+                             squeeze=False)
+    axes = list(axes.flat)
     if evals:  # periodic evaluation (logging.eval_every_steps): FD per NFE against the step
-        ax = axes[-1]
+        ax = axes[len(panels)]
         for key in sorted({k for r in evals for k in r if k.startswith("fd_nfe")}):
             pts = [(r["eval_step"], r[key]) for r in evals if key in r]
             ax.plot(*zip(*pts), marker="o", label=key.replace("fd_nfe", "") + " NFE")
         ax.set_yscale("log")
         ax.set_title(f"FD ({evals[-1]['eval_n']} samples)")
-        ax.set_xlabel("step")
         ax.legend()
     for ax, (title, keys, log) in zip(axes, panels):
         for k in keys:
             ys = [r.get(k) for r in rows]
             if any(y is not None and math.isfinite(y) and (y > 0 or not log) for y in ys):
-                ax.plot(steps, [y if y is not None else float("nan") for y in ys], label=k)
+                label = k.replace("loss_sigma_", "sigma ").replace("r2c2_p50_sigma_", "sigma ")
+                ax.plot(steps, [y if y is not None else float("nan") for y in ys], label=label)
         if log:
             ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=9)
         if len(keys) > 1:
-            ax.legend()
+            ax.legend(fontsize=7)
+    for ax in axes[:count]:
+        ax.set_xlabel("step")
+        for start in (stage_starts or [])[1:]:  # curriculum stage boundaries
+            ax.axvline(start, color="grey", linestyle=":", linewidth=0.8)
+    for ax in axes[count:]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
