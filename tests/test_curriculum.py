@@ -170,3 +170,16 @@ def test_minimum_stage_length_keeps_the_doubling_and_walks_fewer_stages():
     assert [num_scales(k, 2000, 10, 640, 500) for k in (0, 499, 500, 1999, 5000)] == [11, 11, 21, 81, 641]
     # a floor below eq. 10's own stage length changes nothing (the paper's runs)
     assert all(num_scales(k, 295_313, 10, 640, 1000) == num_scales(k, 295_313) for k in range(0, 295_313, 997))
+
+
+def test_calibrated_c_puts_the_chosen_quantile_at_the_cauchy_knee():
+    from slct.curriculum import calibrated_c
+
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0, float("nan")])  # non-finite distances are ignored
+    c = calibrated_c(r, 0.5)
+    assert c == pytest.approx(math.sqrt(3.0 / 2))  # median 3 -> r / (2 c^2) = 1 there
+    ratio = r[:5] / (2 * c * c)
+    assert float((ratio <= 1).float().mean()) == pytest.approx(0.6)  # at or below the knee: the lower half
+    assert calibrated_c(r, 0.9) > c
+    with pytest.raises(ValueError, match="quantile"):
+        calibrated_c(r, 1.0)

@@ -66,7 +66,8 @@ def _call(objective, model, x0, step=0, seed=0, **kwargs):
 def test_config_defaults_are_the_released_recipe():
     assert dataclasses.asdict(ObjectiveConfig()) == dict(
         kind="consistency", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, p_mean=-1.1, p_std=2.0,
-        s0=10, s1=640, loss="cauchy", loss_reduction="mean", c_schedule="adaptive", c0=None, diffusion_r=0.25,
+        s0=10, s1=640, min_stage_steps=0, loss="cauchy", loss_reduction="mean", c_schedule="adaptive",
+        c_calibration_quantile=0.5, c_calibration_batches=4, c0=None, diffusion_r=0.25,
         diffusion_weight=5.0, diffusion_weighting="edm", diffusion_sigma="hi", coupling="ot",
         edm_p_mean=-1.2, edm_p_std=1.2)
     assert ObjectiveConfig().validate() == ObjectiveConfig()
@@ -76,7 +77,8 @@ def test_config_defaults_are_the_released_recipe():
     ("kind", "vp", r"kind must be one of \['consistency', 'edm'\]"),
     ("loss", "huber", r"loss must be one of \['cauchy', 'geman_mcclure', 'l1', 'l2', 'pseudo_huber'"),
     ("loss_reduction", "max", r"loss_reduction must be one of \['mean', 'sum'\]"),
-    ("c_schedule", "cosine", r"c_schedule must be one of \['adaptive', 'adaptive-code', 'fixed'\]"),
+    ("c_schedule", "cosine", r"c_schedule must be one of \['adaptive', 'adaptive-code', 'calibrated', 'fixed'\]"),
+    ("c_calibration_quantile", 1.0, "c_calibration_quantile"), ("min_stage_steps", -1, "min_stage_steps"),
     ("diffusion_weighting", "snr", r"diffusion_weighting must be one of \['edm', 'none'\]"),
     ("diffusion_sigma", "mid", r"diffusion_sigma must be one of \['hi', 'lo'\]"),
     ("coupling", "sinkhorn", r"coupling must be one of \['none', 'ot'\]"),

@@ -303,3 +303,22 @@ def test_diagnostics_per_noise_band_and_gradient_norm(tmp_path):
                                              "train.device=cpu"]), ldm, progress=False)
     row = [json.loads(r) for r in open(ldm / "metrics.jsonl") if '"loss"' in r][-1]
     assert any(k.startswith("loss_sigma_") for k in row) and not any(k.startswith("r2c2") for k in row)
+
+
+def test_calibrated_c_is_measured_per_stage_and_resumes_bitwise(tmp_path):
+    """c_schedule 'calibrated': c measured at each stage start, stored in checkpoints, the same after a resume."""
+    sets = ("objective.c_schedule=calibrated", "objective.c_calibration_batches=2")
+    ref = train(tiny_cfg("slct", 12, 16, *sets), tmp_path / "ref", progress=False)
+    table = ref.state.c_table
+    assert sorted(table, key=int) == ["11", "21", "41", "81", "161", "321", "641"]  # 12 steps: K' = 1
+    assert all(0 < c < 10 for c in table.values())
+    events = [json.loads(r)["event"] for r in open(tmp_path / "ref" / "metrics.jsonl") if '"event"' in r]
+    assert sum(e.startswith("c calibrated at step") for e in events) == 7
+    logged = [json.loads(r) for r in open(tmp_path / "ref" / "metrics.jsonl") if '"loss"' in r]
+    assert logged[-1]["c"] == pytest.approx(table["641"])
+    train(tiny_cfg("slct", 12, 16, *sets), tmp_path / "sliced", until_step=5, progress=False)
+    resumed = train(tiny_cfg("slct", 12, 16, *sets), tmp_path / "sliced", progress=False)
+    assert resumed.state.c_table == table
+    assert_bitwise_equal(weights(tmp_path / "sliced")[0], weights(tmp_path / "ref")[0])
+    saved = checkpoint.load(checkpoint.latest_checkpoint(tmp_path / "ref"))["state"]["c_table"]
+    assert saved == table

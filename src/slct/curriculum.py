@@ -27,6 +27,8 @@ __all__ = [
     "sample_timestep_indices",
     "C_SCHEDULES",
     "c_schedule",
+    "calibrated_c",
+    "CALIBRATED",
     "diffusion_loss_mask",
 ]
 
@@ -191,6 +193,27 @@ def c_schedule(name: str, n_scales: int, dim: int, s0: int = 10, *, c0: float | 
     if c0 is not None and not (math.isfinite(c0) and c0 > 0):
         raise ValueError(f"c0 must be None or finite and > 0, got {c0}")
     return float(C_SCHEDULES[name](n_scales, dim, s0, c0))
+
+
+# the measured schedule (beyond the paper): c is set by the training loop at each stage start from the r it measures
+CALIBRATED = "calibrated"
+
+
+def calibrated_c(r: torch.Tensor, quantile: float = 0.5) -> float:
+    """c that puts the ``quantile`` of the measured distances r at the Cauchy loss's knee, r / (2 c^2) = 1.
+
+    log(1 + r / (2c^2)) (eq. 8) is quadratic below the knee and logarithmic above it: this c keeps that share of
+    the pairs in the quadratic regime, whatever the data, network and curriculum stage (eq. 11 fixes c from N alone,
+    fitted to the paper's CelebA-HQ run).
+    """
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    r = r.detach().double().flatten()
+    r = r[torch.isfinite(r)]
+    if r.numel() == 0:
+        raise ValueError("no finite distance to calibrate c from")
+    q = float(torch.quantile(r, quantile))
+    return math.sqrt(max(q, 1e-24) / 2)
 
 
 # ---------------------------------------------------------------------------------------------

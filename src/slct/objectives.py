@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from slct.coupling import ot_coupling
-from slct.curriculum import C_SCHEDULES, c_schedule, diffusion_loss_mask, num_scales, sample_timestep_indices
+from slct.curriculum import (C_SCHEDULES, CALIBRATED, c_schedule, diffusion_loss_mask, num_scales,
+                             sample_timestep_indices)
 from slct.losses import LOSSES, REDUCTIONS, robust_loss
 from slct.precond import Precond
 from slct.sigmas import ct_weight, karras_sigmas
@@ -70,7 +71,9 @@ class ObjectiveConfig:
     min_stage_steps: int = 0  # curriculum stages last at least this long (fewer stages in short runs); 0 = eq. 10
     loss: str = "cauchy"  # robust distance, a key of slct.losses.LOSSES (eqs. 6-8) [3]
     loss_reduction: str = "mean"  # "mean" over elements (authors' code) | "sum" (paper/iCT) [3]
-    c_schedule: str = "adaptive"  # "adaptive" (eq. 11) | "adaptive-code" | "fixed" (iCT) [3]
+    c_schedule: str = "adaptive"  # "adaptive" (eq. 11) | "adaptive-code" | "fixed" (iCT) | "calibrated" [3]
+    c_calibration_quantile: float = 0.5  # "calibrated": this quantile of r sits at the knee r/(2c^2) = 1
+    c_calibration_batches: int = 4  # "calibrated": batches measured (no gradients) at each stage start
     c0: float | None = None  # iCT's fixed c; None -> 0.00054 sqrt(elements per sample) [3]
     diffusion_r: float = 0.25  # diffusion loss on the smallest-sigma fraction r of the grid; 0 = off [4]
     diffusion_weight: float = 5.0  # its weight w (authors' code: 5; paper form: 1) [4]
@@ -85,7 +88,9 @@ class ObjectiveConfig:
         _choice("kind", self.kind, OBJECTIVES)
         _choice("loss", self.loss, LOSSES)
         _choice("loss_reduction", self.loss_reduction, REDUCTIONS)
-        _choice("c_schedule", self.c_schedule, C_SCHEDULES)
+        _choice("c_schedule", self.c_schedule, {*C_SCHEDULES, CALIBRATED})
+        if not 0 < self.c_calibration_quantile < 1 or self.c_calibration_batches < 1:
+            raise ValueError("c_calibration_quantile must be in (0, 1) and c_calibration_batches >= 1")
         _choice("diffusion_weighting", self.diffusion_weighting, DIFFUSION_WEIGHTINGS)
         _choice("diffusion_sigma", self.diffusion_sigma, DIFFUSION_SIGMAS)
         _choice("coupling", self.coupling, COUPLINGS)
@@ -237,16 +242,18 @@ class _Objective:
         *,
         indices: torch.Tensor | None = None,
         dropout_seed: int | None = None,
+        c: float | None = None,
     ) -> LossTerms:
         """One loss evaluation; ``indices`` (int, ``(B,)``) and ``dropout_seed`` are optional
-        pre-drawn randomness (see the class docstring)."""
+        pre-drawn randomness (see the class docstring); ``c`` overrides the c schedule (the
+        training loop passes the measured c of ``c_schedule="calibrated"``)."""
         _check_inputs(x0, labels, noise)
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         if noise is None:
             noise = COUPLINGS[self.cfg.coupling](x0, _randn(x0.shape, generator, x0.device))
-        return self._terms(model, x0, noise.to(x0.dtype), step, labels, generator, indices, dropout_seed)
+        return self._terms(model, x0, noise.to(x0.dtype), step, labels, generator, indices, dropout_seed, c)
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
         raise NotImplementedError
 
 
@@ -274,12 +281,16 @@ class ConsistencyObjective(_Objective):
 
     precond_kind = "consistency"
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
         """``indices``: lower indices in ``[0, N - 2]``."""
         cfg = self.cfg
         device, batch = x0.device, x0.shape[0]
         n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
-        c = c_schedule(cfg.c_schedule, n_scales, x0[0].numel(), cfg.s0, c0=cfg.c0)
+        if c is None:
+            if cfg.c_schedule == CALIBRATED:
+                raise ValueError("c_schedule 'calibrated' needs the c measured at the stage start: pass c=... "
+                                 "(slct.training does)")
+            c = c_schedule(cfg.c_schedule, n_scales, x0[0].numel(), cfg.s0, c0=cfg.c0)
 
         # indices, grid and weights stay on the CPU in float64: no device sync for the stats
         grid = dict(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
@@ -346,7 +357,7 @@ class EDMObjective(_Objective):
 
     precond_kind = "edm"
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
         cfg = self.cfg
         if indices is not None:
             raise ValueError("indices must be None for the EDM objective (it draws continuous sigmas)")

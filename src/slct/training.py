@@ -43,6 +43,7 @@ class TrainState:
     bad_steps: int = 0  # non-finite steps skipped in total
     rollbacks: int = 0
     wall_seconds: float = 0.0
+    c_table: dict = field(default_factory=dict)  # c_schedule "calibrated": str(N) -> c measured at the stage start
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -286,6 +287,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
         with _StopSignals() as signals:
             while state.step < stop_step:
                 batch = next(pipeline)
+                c_now = _stage_c(model, objective, dataset, cfg, state, device, dist, logger)
                 lr = cfg.optim.lr * state.lr_scale * min(1.0, (state.step + 1) / max(cfg.optim.warmup_steps, 1))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -296,7 +298,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     with (contextlib.nullcontext() if sync else train_model.no_sync()):
                         with autocast:
                             terms = objective(train_model, mb.x0, state.step, labels=mb.labels, noise=mb.noise,
-                                              indices=mb.indices, dropout_seed=mb.dropout_seed)
+                                              indices=mb.indices, dropout_seed=mb.dropout_seed, c=c_now)
                         loss = terms.total.mean()
                         if loss_hook is not None:
                             loss = loss_hook(state.step, loss)
@@ -375,6 +377,51 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
         print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
               + ("" if state.step >= total else "\nre-run the same command to resume"))
     return TrainResult(run_dir, state, state.step >= total, stopped_by, files)
+
+
+def _stage_c(model, objective, dataset, cfg, state, device, dist, logger) -> float | None:
+    """The measured c of this step's curriculum stage (c_schedule "calibrated"), measured at the stage's first step
+    and kept in ``state.c_table`` (so checkpoints carry it and a resumed run uses the same c); None otherwise."""
+    from slct.curriculum import CALIBRATED, num_scales
+
+    obj = cfg.objective
+    if obj.kind != "consistency" or obj.c_schedule != CALIBRATED:
+        return None
+    n = num_scales(state.step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
+    if str(n) not in state.c_table:
+        c, count = _calibrate_c(model, objective, dataset, cfg, state.step, device, dist)
+        state.c_table[str(n)] = c
+        logger.event(f"c calibrated at step {state.step} for N = {n}: {c:.4g} (quantile "
+                     f"{obj.c_calibration_quantile:g} of r over {count} pairs at r/(2c^2) = 1)", state.step)
+    return state.c_table[str(n)]
+
+
+@torch.no_grad()
+def _calibrate_c(model, objective, dataset, cfg, step: int, device, dist) -> tuple[float, int]:
+    """Measure r on ``objective.c_calibration_batches`` batches (no gradients; drawn from their own seed stream, so
+    the training batches are untouched) and return (calibrated c, number of pairs). Every rank measures its share
+    of each global batch; the quantile is taken over all of them."""
+    from slct.coupling import ot_coupling
+    from slct.curriculum import calibrated_c, num_scales, sample_timestep_indices
+
+    obj, batch = cfg.objective, cfg.train.batch_size
+    n = num_scales(step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
+    g = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, stream=2))
+    lo, hi = dist.rank * batch // dist.world_size, (dist.rank + 1) * batch // dist.world_size
+    rs = []
+    for _ in range(obj.c_calibration_batches):
+        chosen = torch.randint(len(dataset), (batch,), generator=g).numpy()
+        noise = torch.randn((batch, *dataset.latent_shape), generator=g)[lo:hi]
+        indices = sample_timestep_indices(n, batch, obj.p_mean, obj.p_std, generator=g, sigma_min=obj.sigma_min,
+                                          sigma_max=obj.sigma_max, rho=obj.rho)[lo:hi]
+        seed = int(torch.randint(0, 2**62, (1,), generator=g))
+        x0, _ = dataset.get_batch(chosen[lo:hi])
+        if obj.coupling == "ot":
+            noise = noise[ot_coupling(x0, noise)]
+        terms = objective(model, x0.to(device), step, noise=noise.to(device), indices=indices, dropout_seed=seed, c=1.0)
+        rs.append(terms.r.float().cpu())
+    r = torch.cat([torch.as_tensor(part) for part in distributed.gather_objects(torch.cat(rs))])
+    return calibrated_c(r, obj.c_calibration_quantile), len(r)
 
 
 def _divergence_message(run_dir, cfg, state, health, lr) -> str:

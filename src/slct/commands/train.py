@@ -101,9 +101,9 @@ def dry_run_report(cfg) -> str:
         lines.append(f"stage length K': {k_prime:,} steps (paper eq. 10, s0={obj.s0}, s1={obj.s1}{floor})")
         lines.append(f"{'from step':>10} {'steps':>9} {'N':>6} {'c (' + obj.c_schedule + ')':>22}")
         for stage in curriculum_stages(tr.total_steps, obj.s0, obj.s1, obj.min_stage_steps):
-            c = c_schedule(obj.c_schedule, stage["n_scales"], dim, obj.s0, c0=obj.c0) \
-                if obj.c_schedule in C_SCHEDULES else float("nan")
-            lines.append(f"{stage['start']:>10,} {stage['steps']:>9,} {stage['n_scales']:>6} {c:>22.6g}")
+            c = (f"{c_schedule(obj.c_schedule, stage['n_scales'], dim, obj.s0, c0=obj.c0):.6g}"
+                 if obj.c_schedule in C_SCHEDULES else "measured at the start")
+            lines.append(f"{stage['start']:>10,} {stage['steps']:>9,} {stage['n_scales']:>6} {c:>22}")
         if k_prime < 1000 and tr.total_steps >= 1000 and not obj.min_stage_steps:
             lines.append(f"note: stages of {k_prime} steps are shorter than RAdam's memory (~1,000 steps at beta2 "
                          "0.999); objective.min_stage_steps gives each stage a floor (fewer stages)")
