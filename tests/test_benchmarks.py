@@ -64,3 +64,19 @@ def test_report_tables_final_rows_and_training_time(ablation, tmp_path, monkeypa
     assert "| ilct | 2 | 200.00 | 0.200 | 0.0200 | 100 | 5.0 min |" in md
     assert "two fake runs" in md
     assert (tmp_path / "results" / "ablation-utkface64-100steps-curves.png").stat().st_size > 0
+
+
+def test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu(tmp_path):
+    """benchmarks/gpu_check.sh cannot rot where no GPU is ever lent: its toy mode runs the same steps on the CPU."""
+    import subprocess
+
+    out = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--toy", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu-check-cpu-toy.json").read_text())
+    assert record["all_ok"] and [s["step"] for s in record["steps"]] == [
+        "CUDA tests", "training throughput", "torchrun --nproc_per_node=1", "sampling 1 and 2 steps"]
+    assert [r["case"] for r in record["throughput"]["rows"]] == ["slct:fp32", "slct:bf16"]
+    assert all(r["images_per_s"] > 0 for r in record["throughput"]["rows"])
+    assert record["steps"][3]["images_nfe1"] == [16, 8, 8, 3] and record["steps"][3]["images_nfe2"] == [16, 8, 8, 3]
+    assert "| torchrun --nproc_per_node=1 | ok |" in (tmp_path / "gpu-check-cpu-toy.md").read_text()
