@@ -4,19 +4,26 @@
     python benchmarks/ablation.py --methods ladder                  # the whole Table 2a ladder + ldm
     python benchmarks/ablation.py --stage train --minutes 9         # one 9-minute slice of training, then stop
     python benchmarks/ablation.py --stage report                    # tables and figures from what is there
+    python benchmarks/ablation.py --methods ilct slct --seeds 0 1 2 # three seeds each: mean +- sd per row
 
 Every stage is a plain `slct` command (printed before it runs), so each number can be reproduced by hand:
 
 1. data:  `slct encode` the zip's faces at 64 px with TAEF2, holding ``--holdout`` faces out (spread evenly);
 2. ref:   `slct eval ref` of the held-out faces in MobileNetV2 feature space (the offline FD stand-in);
-3. train: `slct train --preset METHOD --data-preset utkface64` for ``--steps`` steps, a snapshot every
-          ``--curve-every`` steps; re-running continues where it stopped (``--minutes`` slices it);
-4. eval:  `slct eval` of the last snapshot on ``--n-eval`` samples (1 and 2 steps; ldm: its Heun sampler),
-          and, for the ``--curves`` methods, of every earlier snapshot on ``--curve-n`` samples (FD vs step);
-5. report: ``benchmarks/results/ablation-utkface64-STEPSsteps.{json,md}``, the sample grids side by side and the curves.
+   (and `slct analyze` of the training latents: the kurtosis and outlier rate the recipe is about);
+3. train: `slct train --preset METHOD --data-preset utkface64` for ``--steps`` steps and each of ``--seeds``, a
+          snapshot every ``--curve-every`` steps (``--set`` passes overrides, ``--tag`` names such a variant);
+          re-running continues where it stopped (``--minutes`` slices it);
+4. eval:  `slct eval` of the last snapshot on ``--n-eval`` samples for each of ``--weights`` (EMAs by name, or
+          `online`; 1 and 2 steps; ldm: its Heun sampler), and, for the ``--curves`` methods, of every earlier
+          snapshot on ``--curve-n`` samples with the first of ``--weights`` (FD vs step);
+5. report: ``benchmarks/results/ablation-utkface64-STEPSsteps[-TAG].{json,md}``: mean +- sd over the seeds per
+          method, weights and NFE (final rows and curve points under their own keys in the JSON), whether sLCT's
+          mean 1-NFE FD beats iLCT's by more than 2 pooled sd, the sample grids and the curves.
 
-Each stage skips what is already done. Runs live in ``--work``/runs/METHOD-STEPSsteps (default --work
-/tmp/slct-ablation), outside the repo.
+Each stage skips what is already done. Runs live in ``--work``/runs/METHOD[-TAG]-STEPSsteps-seedS (default --work
+/tmp/slct-ablation), outside the repo. Two single-threaded invocations with different ``--seeds`` side by side use
+a 2-core machine best (``OMP_NUM_THREADS=1``).
 """
 
 from __future__ import annotations
@@ -57,9 +64,10 @@ def slct(*args: str) -> list[str]:
     return [sys.executable, "-m", "slct", *args]
 
 
-def run_dir(a, work: Path, method: str) -> Path:
+def run_dir(a, work: Path, method: str, seed: int = 0) -> Path:
     """Runs of different lengths are different runs (the curriculum is a function of --steps)."""
-    return work / "runs" / f"{method}-{a.steps}steps"
+    tag = f"-{a.tag}" if getattr(a, "tag", "") else ""
+    return work / "runs" / f"{method}{tag}-{a.steps}steps-seed{seed}"
 
 
 def snapshots(run: Path) -> list[Path]:
@@ -72,9 +80,16 @@ def step_of(snapshot: Path) -> int:
 
 def stage_data(a, work: Path) -> Path:
     data = work / f"utk{a.resolution}-train"
-    sh(slct("encode", a.zip, str(data), "--codec", "taef2", "--resolution", str(a.resolution), "--holdout",
+    sh(slct("encode", a.zip, "--out", str(data), "--codec", "taef2", "--resolution", str(a.resolution), "--holdout",
             str(a.holdout), "--split", "train", "--no-progress"))
+    if not (analysis_dir(work, a) / "analysis.json").exists():  # the paper's premise: how impulsive are the latents
+        sh(slct("analyze", str(data), "--out", str(analysis_dir(work, a)), "--normalization", "per-element",
+                "--no-progress"))
     return data
+
+
+def analysis_dir(work: Path, a) -> Path:
+    return work / f"analysis-utk{a.resolution}"
 
 
 def stage_ref(a, work: Path) -> Path:
@@ -85,14 +100,17 @@ def stage_ref(a, work: Path) -> Path:
     return ref
 
 
-def stage_train(a, work: Path, data: Path, method: str) -> bool:
-    """One method's run (or its next slice); True when it has reached --steps."""
-    run = run_dir(a, work, method)
+def stage_train(a, work: Path, data: Path, method: str, seed: int) -> bool:
+    """One method's run for one seed (or its next slice); True when it has reached --steps."""
+    run = run_dir(a, work, method, seed)
     if (run / f"snapshot-{a.steps:08d}.pt").exists():
         return True
     cmd = slct("train", "--preset", method, "--data-preset", "utkface64", "--data", str(data), "--out", str(run),
-               "--steps", str(a.steps), "--seed", str(a.seed), "--set",
-               f"checkpoint.snapshot_every_steps={a.curve_every}", "--no-progress")
+               "--steps", str(a.steps), "--seed", str(seed), "--set",
+               f"checkpoint.snapshot_every_steps={a.curve_every}", "--set", "train.ema_power_every_steps=0",
+               "--no-progress")
+    for extra in a.sets:
+        cmd += ["--set", extra]
     if a.minutes:
         cmd += ["--minutes", str(a.minutes)]
     run.mkdir(parents=True, exist_ok=True)
@@ -100,24 +118,30 @@ def stage_train(a, work: Path, data: Path, method: str) -> bool:
     return (run / f"snapshot-{a.steps:08d}.pt").exists()
 
 
-def stage_eval(a, work: Path, ref: Path, method: str) -> None:
-    run = run_dir(a, work, method)
-    jobs = []  # (snapshot, n, is the table's row): every curve point at --curve-n, the last one also at --n-eval
+def eval_file(run: Path, step: int, n: int, weights: str) -> Path:
+    return run / f"eval-{step:08d}-n{n}-{weights}.json"
+
+
+def stage_eval(a, work: Path, ref: Path, method: str, seed: int) -> None:
+    run = run_dir(a, work, method, seed)
+    # (snapshot, n, weights, is a final row): every curve point at --curve-n with the first weights, the last
+    # snapshot also at --n-eval with every weights
+    jobs = []
     for snap in snapshots(run):
-        final = step_of(snap) == a.steps
         if method in a.curves:
-            jobs.append((snap, a.curve_n, False))
-        if final:
-            jobs.append((snap, a.n_eval, True))
-    for snap, n, row in jobs:
-        out = run / f"eval-{step_of(snap):08d}-n{n}.json"
+            jobs.append((snap, a.curve_n, a.weights[0], False))
+        if step_of(snap) == a.steps:
+            jobs += [(snap, a.n_eval, w, True) for w in a.weights]
+    for snap, n, weights, final in jobs:
+        out = eval_file(run, step_of(snap), n, weights)
         if out.exists():
             continue
-        cmd = slct("eval", "--snapshot", str(snap), "--ref", str(ref), "--n", str(n), "--out", str(out), "--no-progress")
-        if not row:
+        cmd = slct("eval", "--snapshot", str(snap), "--ref", str(ref), "--n", str(n), "--out", str(out), "--no-progress",
+                   "--ema", weights)
+        if not final:
             cmd += ["--max-pr-samples", "0"]  # the curves plot FD only
         if method != "ldm":
-            cmd += ["--nfe", "1", "2"] if row else ["--nfe", "1"]
+            cmd += ["--nfe", "1", "2"] if final else ["--nfe", "1"]
         sh(cmd, log=run / "eval.log")
 
 
@@ -131,21 +155,62 @@ def training_time_s(run: Path) -> float:
     return total
 
 
-def collect(a, work: Path, methods: list[str]) -> list[dict]:
-    rows = []
+def collect(a, work: Path, methods: list[str]) -> tuple[list[dict], list[dict]]:
+    """(final rows, curve points): one row per method, seed, weights and NFE."""
+    final, curves = [], []
     for method in methods:
-        run = run_dir(a, work, method)
-        train_s = training_time_s(run) if (run / "metrics.jsonl").exists() else None
-        for path in sorted(run.glob("eval-*.json")):
-            record = json.loads(path.read_text())
-            step = int(path.stem.split("-")[1])
-            for r in record["results"]:
-                rows.append(dict(method=method, step=step, n=record["n"], nfe=r["nfe"], fd=r["fd"],
-                                 precision=r.get("precision"), recall=r.get("recall"),
-                                 final=step == a.steps and record["n"] == a.n_eval,
-                                 train_s=train_s,
-                                 eval_file=str(path)))
-    return rows
+        for seed in a.seeds:
+            run = run_dir(a, work, method, seed)
+            train_s = training_time_s(run) if (run / "metrics.jsonl").exists() else None
+            for path in sorted(run.glob("eval-*.json")):
+                record = json.loads(path.read_text())
+                _, step, n, weights = path.stem.split("-", 3)
+                step, n = int(step), int(n[1:])
+                is_final = step == a.steps and n == a.n_eval
+                for r in record["results"]:
+                    row = dict(method=method, seed=seed, weights=weights, step=step, n=n, nfe=r["nfe"], fd=r["fd"],
+                               precision=r.get("precision"), recall=r.get("recall"), train_s=train_s,
+                               eval_file=str(path))
+                    (final if is_final else curves).append(row)
+                    if is_final and weights == a.weights[0] and method in a.curves:
+                        curves.append({**row, "final_n": True})  # the last curve point, at the final n
+    return final, curves
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarize(final: list[dict], methods: list[str], weights: list[str]) -> list[dict]:
+    """Mean +- sd over seeds of FD, precision and recall per (method, weights, NFE)."""
+    out = []
+    for method in methods:
+        for w in weights:
+            for nfe in sorted({r["nfe"] for r in final if r["method"] == method and r["weights"] == w}):
+                rows = [r for r in final if (r["method"], r["weights"], r["nfe"]) == (method, w, nfe)]
+                entry = dict(method=method, weights=w, nfe=nfe, seeds=sorted(r["seed"] for r in rows))
+                for key in ("fd", "precision", "recall"):
+                    vals = [r[key] for r in rows if r[key] is not None]
+                    if vals:
+                        entry[key], entry[f"{key}_sd"] = mean_sd(vals)
+                out.append(entry)
+    return out
+
+
+def compare(summary: list[dict], a: str = "slct", b: str = "ilct") -> list[dict]:
+    """Per weights: does ``a``'s mean 1-NFE FD beat ``b``'s by more than 2 pooled sd?"""
+    out = []
+    for w in sorted({s["weights"] for s in summary}):
+        pick = {s["method"]: s for s in summary if s["weights"] == w and s["nfe"] == 1}
+        if a in pick and b in pick and len(pick[a]["seeds"]) > 1 and len(pick[b]["seeds"]) > 1:
+            pooled = ((pick[a]["fd_sd"] ** 2 + pick[b]["fd_sd"] ** 2) / 2) ** 0.5
+            diff = pick[b]["fd"] - pick[a]["fd"]
+            out.append(dict(weights=w, better=a, than=b, fd_difference=diff, pooled_sd=pooled,
+                            beats_by_2_pooled_sd=diff > 2 * pooled))
+    return out
 
 
 def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
@@ -160,10 +225,10 @@ def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
 
     rows = []
     for method in methods:
-        snap_path = run_dir(a, work, method) / f"snapshot-{a.steps:08d}.pt"
+        snap_path = run_dir(a, work, method, a.seeds[0]) / f"snapshot-{a.steps:08d}.pt"
         if not snap_path.exists():
             continue
-        snap = load_snapshot(snap_path)
+        snap = load_snapshot(snap_path, ema=a.weights[0])
         panels = []
         for nfe in default_nfe(snap.config.objective, snap.config.sampling):
             with torch.no_grad():
@@ -185,24 +250,27 @@ def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def figure_curves(rows: list[dict], out: Path) -> None:
+def figure_curves(curves: list[dict], out: Path) -> None:
+    """FD against the step: the mean over seeds (error bars: sd), 1 NFE (ldm: its sampler)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in rows}))}
-    for (method, nfe) in sorted({(r["method"], r["nfe"]) for r in rows}):
+    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in curves}))}
+    for (method, nfe) in sorted({(r["method"], r["nfe"]) for r in curves}):
         if nfe == 2 and method != "ldm":
             continue
-        mine = [r for r in rows if r["method"] == method and r["nfe"] == nfe]
+        mine = [r for r in curves if r["method"] == method and r["nfe"] == nfe]
         # FD is biased upwards at small n: a line joins the curve points (smallest n), a star marks the final n
         n_curve, n_final = min(r["n"] for r in mine), max(r["n"] for r in mine)
         for n, style in [(n_curve, "-o"), *([(n_final, "*")] if n_final != n_curve else [])]:
-            pts = sorted((r["step"], r["fd"]) for r in mine if r["n"] == n)
-            ax.plot(*zip(*pts), style, markersize=9 if style == "*" else 5, label=f"{method} ({nfe} NFE), n={n}",
-                    color=colors[method])
+            steps = sorted({r["step"] for r in mine if r["n"] == n})
+            stats = [mean_sd([r["fd"] for r in mine if r["n"] == n and r["step"] == st]) for st in steps]
+            ax.errorbar(steps, [m for m, _ in stats], yerr=[sd for _, sd in stats], fmt=style, capsize=3,
+                        markersize=9 if style == "*" else 5, label=f"{method} ({nfe} NFE), n={n}",
+                        color=colors[method])
     ax.set_xlabel("training step")
     ax.set_ylabel("FD-MobileNetV2 (lower is better)")
     ax.set_yscale("log")
@@ -213,34 +281,62 @@ def figure_curves(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def premise(work: Path, a) -> dict | None:
+    """Excess kurtosis and outlier rates of the training latents (`slct analyze`, per-element normalisation)."""
+    path = analysis_dir(work, a) / "analysis.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())["panels"]["latents data"]["all"]
+    return dict(excess_kurtosis=data["excess_kurtosis"], beyond_inner=data["beyond_inner"],
+                beyond_outer=data["beyond_outer"], min=data["min"], max=data["max"], analysis=str(path))
+
+
 def stage_report(a, work: Path, methods: list[str]) -> None:
-    rows = collect(a, work, methods)
+    final, curves = collect(a, work, methods)
+    summary = summarize(final, methods, a.weights)
+    comparisons = compare(summary)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"ablation-utkface{a.resolution}-{a.steps}steps"
+    stem = f"ablation-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
     figure_grids(a, work, methods, RESULTS / f"{stem}-samples.png")
-    figure_curves(rows, RESULTS / f"{stem}-curves.png")
+    figure_curves(curves, RESULTS / f"{stem}-curves.png")
     info = machine("cpu")
+    latents = premise(work, a)
     meta = dict(machine=info, command=shlex.join(["python", "benchmarks/ablation.py", *sys.argv[1:]]),
                 date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-                settings=dict(resolution=a.resolution, holdout=a.holdout, steps=a.steps, seed=a.seed,
-                              n_eval=a.n_eval, curve_n=a.curve_n, curve_every=a.curve_every, methods=methods))
-    (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
-    final = [r for r in rows if r["final"]]
+                settings=dict(resolution=a.resolution, holdout=a.holdout, steps=a.steps, seeds=a.seeds,
+                              weights=a.weights, n_eval=a.n_eval, curve_n=a.curve_n, curve_every=a.curve_every,
+                              methods=methods, tag=a.tag, sets=a.sets))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(dict(meta=meta, premise=latents, summary=summary,
+                                                          comparisons=comparisons, final=final, curves=curves),
+                                                     indent=2) + "\n")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    pm = lambda e, key, spec: (f"{fmt(e.get(key), spec)} +- {fmt(e.get(key + '_sd'), spec)}"  # noqa: E731
+                               if key in e else "-")
     lines = [f"# Ablation on UTKFace {a.resolution} px (TAEF2 latents), CPU scale", "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}",
              f"- Command: `{meta['command']}` ({meta['date']})",
              f"- Data: {a.holdout} faces held out for the reference statistics, the rest trained on; network "
-             f"`unet-small` (data preset `utkface64`), seed {a.seed}, {a.steps} steps each",
+             f"`unet-small` (data preset `utkface64`), {a.steps} steps each, seeds {', '.join(map(str, a.seeds))}"
+             + (f"; overrides {', '.join(a.sets)}" if a.sets else ""),
              f"- Score: FD in MobileNetV2 features against the held-out faces; precision/recall k = 3; "
-             f"{a.n_eval} samples for the final rows, {a.curve_n} for the curves", "",
-             "| method | NFE | FD | precision | recall | steps | training time |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(final, key=lambda r: (methods.index(r["method"]), r["nfe"])):
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        minutes = None if r["train_s"] is None else r["train_s"] / 60
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['fd']:.2f} | {fmt(r['precision'], '.3f')} | "
-                     f"{fmt(r['recall'], '.4f')} | {r['step']} | {fmt(minutes, '.1f')} min |")
-    lines += ["", "FD depends on the number of samples (it is biased upwards at small n): compare rows at the same n. "
-              "Training time is the wall time of the logged steps, as the runs were scheduled (see --note)."]
+             f"{a.n_eval} samples for the final rows, {a.curve_n} for the curves; weights: {', '.join(a.weights)}"]
+    if latents:
+        lines.append(f"- The premise: the training latents (per-element normalised) have excess kurtosis "
+                     f"{latents['excess_kurtosis']:.2f}, {100 * latents['beyond_inner']:.2f}% of values beyond the "
+                     f"1.5 IQR fences and {100 * latents['beyond_outer']:.3f}% beyond 3 IQR (range "
+                     f"{latents['min']:.1f} to {latents['max']:.1f}); a Gaussian has 0, 0.70% and ~0.0002%")
+    lines += ["", "| method | weights | NFE | FD (mean +- sd) | precision | recall | seeds |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for e in summary:
+        lines.append(f"| {e['method']} | {e['weights']} | {e['nfe']} | {pm(e, 'fd', '.1f')} | "
+                     f"{pm(e, 'precision', '.3f')} | {pm(e, 'recall', '.4f')} | {len(e['seeds'])} |")
+    for c in comparisons:
+        verdict = "yes" if c["beats_by_2_pooled_sd"] else "no"
+        lines.append(f"\n{c['better']} vs {c['than']} ({c['weights']} weights, 1 NFE): mean FD difference "
+                     f"{c['fd_difference']:.1f}, 2 pooled sd = {2 * c['pooled_sd']:.1f}: beats by more than 2 pooled "
+                     f"sd: **{verdict}**")
+    lines += ["", "Per-seed rows, training times and the eval files are in the JSON beside this file. FD depends on "
+              "the number of samples (it is biased upwards at small n): compare rows at the same n."]
     lines += ["", *([a.note, ""] if a.note else []), f"![samples]({stem}-samples.png)", "",
               f"![FD against training step]({stem}-curves.png)", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
@@ -257,7 +353,12 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--holdout", type=int, default=5000, help="faces kept out of training for the reference")
     p.add_argument("--steps", type=int, default=1000, help="training steps per method (the same for all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (>= 3 for mean +- sd)")
+    p.add_argument("--weights", nargs="+", default=["rampup", "online"],
+                   help="weights scored at the last step: EMA names (rampup, 0.999, std=0.1) or online")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (repeatable); name the variant with --tag")
+    p.add_argument("--tag", default="", help="names runs and report of a variant (e.g. paper-settings)")
     p.add_argument("--minutes", type=float, default=None, help="train each unfinished run at most this long")
     p.add_argument("--n-eval", type=int, default=5000, help="samples scored at the last step")
     p.add_argument("--curve-every", type=int, default=250, help="snapshot (and curve point) every N steps")
@@ -266,6 +367,8 @@ def main() -> None:
     p.add_argument("--curve-n", type=int, default=1000, help="samples per curve point")
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how the runs shared the machine)")
     a = p.parse_args()
+    if a.sets and not a.tag:
+        p.error("--set changes the runs: name the variant with --tag")
     methods = [m for name in a.methods for m in GROUPS.get(name, [name])]
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -274,10 +377,11 @@ def main() -> None:
     if "data" in a.stage:
         data = stage_data(a, work)
     ref = stage_ref(a, work) if "ref" in a.stage else work / f"ref-utk{a.resolution}-holdout{a.holdout}-mobilenetv2.npz"
-    for method in methods:
-        done = stage_train(a, work, data, method) if "train" in a.stage else True
-        if done and "eval" in a.stage:
-            stage_eval(a, work, ref, method)
+    for seed in a.seeds:
+        for method in methods:
+            done = stage_train(a, work, data, method, seed) if "train" in a.stage else True
+            if done and "eval" in a.stage:
+                stage_eval(a, work, ref, method, seed)
     if "report" in a.stage:
         stage_report(a, work, methods)
     print(f"done in {(time.time() - t0) / 60:.1f} min")

@@ -21,8 +21,8 @@ def ablation():
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(resolution=64, holdout=10, steps=100, seed=0, n_eval=50, curve_n=20, curve_every=50,
-                curves=["ilct", "slct"], note="two fake runs")
+    base = dict(resolution=64, holdout=10, steps=100, seeds=[0, 1, 2], weights=["rampup", "online"], n_eval=50,
+                curve_n=20, curve_every=50, curves=["ilct", "slct"], note="fake runs", tag="", sets=[])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -31,38 +31,50 @@ def _eval_json(path: Path, n: int, fds: dict[int, float]) -> None:
     path.write_text(json.dumps(dict(n=n, results=results)))
 
 
-def test_runs_of_different_lengths_live_apart(ablation, tmp_path):
-    assert ablation.run_dir(_args(steps=1000), tmp_path, "slct") != ablation.run_dir(_args(steps=2000), tmp_path, "slct")
-    assert ablation.run_dir(_args(steps=1000), tmp_path, "slct").name == "slct-1000steps"
+def test_runs_of_different_lengths_seeds_and_variants_live_apart(ablation, tmp_path):
+    names = {ablation.run_dir(_args(steps=steps, tag=tag), tmp_path, "slct", seed).name
+             for steps in (1000, 2000) for seed in (0, 1) for tag in ("", "paper")}
+    assert len(names) == 8 and "slct-1000steps-seed0" in names and "slct-paper-2000steps-seed1" in names
 
 
-def test_report_tables_final_rows_and_training_time(ablation, tmp_path, monkeypatch):
+def test_report_mean_sd_over_seeds_final_rows_apart_from_curves(ablation, tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "RESULTS", tmp_path / "results")
     a = _args()
-    fds = {"ilct": {1: 300.0, 2: 200.0}, "slct": {1: 250.0, 2: 190.0}}
-    for method, final in fds.items():
-        run = ablation.run_dir(a, tmp_path, method)
-        run.mkdir(parents=True)
-        _eval_json(run / "eval-00000050-n20.json", 20, {1: 900.0})
-        _eval_json(run / "eval-00000100-n20.json", 20, {1: final[1] + 50})
-        _eval_json(run / "eval-00000100-n50.json", 50, final)
-        # 2 s/step for 50 steps, then 4 s/step for 50 steps: 300 s of training
-        rows = [dict(step=50, sec_per_step=2.0), dict(step=100, sec_per_step=4.0)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # 1-NFE FD per seed: ilct 300, 310, 320 (mean 310, sd 10); slct 250, 255, 260 (mean 255, sd 5)
+    fds = {"ilct": [300.0, 310.0, 320.0], "slct": [250.0, 255.0, 260.0]}
+    for method, per_seed in fds.items():
+        for seed, fd in enumerate(per_seed):
+            run = ablation.run_dir(a, tmp_path, method, seed)
+            run.mkdir(parents=True)
+            _eval_json(ablation.eval_file(run, 50, 20, "rampup"), 20, {1: 900.0 + seed})
+            _eval_json(ablation.eval_file(run, 100, 20, "rampup"), 20, {1: fd + 50})
+            _eval_json(ablation.eval_file(run, 100, 50, "rampup"), 50, {1: fd, 2: fd - 50})
+            _eval_json(ablation.eval_file(run, 100, 50, "online"), 50, {1: fd + 100, 2: fd + 60})
+            # 2 s/step for 50 steps, then 4 s/step for 50 steps: 300 s of training
+            rows = [dict(step=50, sec_per_step=2.0), dict(step=100, sec_per_step=4.0)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     ablation.stage_report(a, tmp_path, ["ilct", "slct"])
 
     stem = tmp_path / "results" / "ablation-utkface64-100steps"
     record = json.loads(stem.with_suffix(".json").read_text())
-    final = [r for r in record["rows"] if r["final"]]
-    assert sorted((r["method"], r["nfe"], r["fd"]) for r in final) == [
-        ("ilct", 1, 300.0), ("ilct", 2, 200.0), ("slct", 1, 250.0), ("slct", 2, 190.0)]
-    assert all(r["train_s"] == pytest.approx(300.0) for r in record["rows"])
-    assert len(record["rows"]) == 2 * (1 + 1 + 2)  # two curve points + the two final NFEs, per method
+    assert len(record["final"]) == 2 * 3 * 2 * 2  # methods x seeds x weights x NFE
+    assert all(r["n"] == 50 and r["step"] == 100 for r in record["final"])
+    assert all(r["train_s"] == pytest.approx(300.0) for r in record["final"])
+    # curve points (n = 20 at steps 50 and 100) plus the final-n point of the curve weights, kept apart
+    assert sorted({(r["step"], r["n"]) for r in record["curves"]}) == [(50, 20), (100, 20), (100, 50)]
+    pick = {(e["method"], e["weights"], e["nfe"]): e for e in record["summary"]}
+    assert pick[("ilct", "rampup", 1)]["fd"] == pytest.approx(310.0)
+    assert pick[("ilct", "rampup", 1)]["fd_sd"] == pytest.approx(10.0)
+    assert pick[("slct", "rampup", 1)]["fd_sd"] == pytest.approx(5.0)
+    assert pick[("slct", "online", 2)]["fd"] == pytest.approx(315.0) and pick[("slct", "online", 2)]["seeds"] == [0, 1, 2]
+    (cmp,) = [c for c in record["comparisons"] if c["weights"] == "rampup"]
+    # difference 55 > 2 x pooled sd = 2 x sqrt((100 + 25) / 2) = 15.8
+    assert cmp["fd_difference"] == pytest.approx(55.0) and cmp["beats_by_2_pooled_sd"]
+    assert cmp["pooled_sd"] == pytest.approx((125 / 2) ** 0.5)
     md = stem.with_suffix(".md").read_text()
-    assert "| slct | 1 | 250.00 | 0.100 | 0.0100 | 100 | 5.0 min |" in md
-    assert "| ilct | 2 | 200.00 | 0.200 | 0.0200 | 100 | 5.0 min |" in md
-    assert "two fake runs" in md
+    assert "| ilct | rampup | 1 | 310.0 +- 10.0 | 0.100 +- 0.000 | 0.0100 +- 0.0000 | 3 |" in md
+    assert "beats by more than 2 pooled sd: **yes**" in md and "fake runs" in md
     assert (tmp_path / "results" / "ablation-utkface64-100steps-curves.png").stat().st_size > 0
 
 
