@@ -164,3 +164,12 @@ def test_periodic_grids_and_evaluation_use_the_default_ema(tmp_path):
     assert torch.load(tmp_path / "run" / "snapshot-00000004.pt", weights_only=True)["ema_default"] == "0.95"
     with pytest.raises(ValueError, match="train.ema_default 'std=0.1' is not a tracked EMA"):
         load_config("slct", "digits", sets=["train.ema_default=std=0.1"])
+
+
+def test_sliced_runs_keep_only_their_newest_off_schedule_snapshot(tmp_path):
+    cfg = load_config("slct", "digits", sets=[*TINY, "train.total_steps=12", "checkpoint.snapshot_every_steps=8"])
+    for stop in (3, 5, 10):
+        train(cfg, tmp_path, until_step=stop, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*.pt")) == ["snapshot-00000008.pt", "snapshot-00000010.pt"]
+    train(cfg, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("snapshot-*.pt")) == ["snapshot-00000008.pt", "snapshot-00000012.pt"]

@@ -588,8 +588,14 @@ def _save_snapshot(run_dir, cfg, meta, model, ema, state, power_only: bool = Fal
                                data_source=meta.get("data_source"),
                                ema_default=default_ema(names, cfg.train.ema_default))
     Path(run_dir).mkdir(exist_ok=True)
-    path = Path(run_dir) / f"snapshot-{state.step:08d}.pt"
-    return checkpoint.save_atomic(payload, path, what=f"snapshot {state.step}")
+    path = checkpoint.save_atomic(payload, Path(run_dir) / f"snapshot-{state.step:08d}.pt",
+                                  what=f"snapshot {state.step}")
+    if not power_only:  # a run sliced by --minutes keeps only its newest off-schedule snapshot, not one per slice
+        for old in Path(run_dir).glob("snapshot-*.pt"):
+            step = int(old.stem.split("-")[1])
+            if step < state.step and step % cfg.checkpoint.snapshot_every_steps and step != cfg.train.total_steps:
+                old.unlink(missing_ok=True)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
