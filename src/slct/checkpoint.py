@@ -142,7 +142,8 @@ def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, ma
          mmap: bool = False) -> dict:
     """An slct checkpoint or snapshot (``expect``: the accepted ``format`` values), loaded safely."""
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
-    what = "slct snapshot" if expect == (SNAPSHOT_FORMAT,) else "slct checkpoint"
+    what = {(SNAPSHOT_FORMAT,): "slct snapshot", (CHECKPOINT_FORMAT,): "slct checkpoint"}.get(
+        expect, "slct snapshot or checkpoint")
     payload = load_untrusted(path, what, map_location, mmap)
     found = payload.get("format") if isinstance(payload, dict) else None
     if found not in expect:

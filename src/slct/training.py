@@ -142,27 +142,24 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The global gradient norm (float64; inf or nan when any gradient is), without a device sync."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(torch._foreach_norm(grads)).double().norm()
-
-
-def _all_finite(tensors) -> bool:
-    """Whether every floating-point tensor in ``tensors`` is finite (one fused norm per device)."""
-    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+def _global_norm(tensors) -> torch.Tensor:
+    """The L2 norm of all floating-point ``tensors`` together (float64; inf or nan when any entry is), no sync."""
+    floats = [t for t in tensors if t is not None and t.is_floating_point() and t.numel()]
     if not floats:
-        return True
-    return bool(torch.isfinite(torch.stack([n.float().cpu() for n in torch._foreach_norm(floats)])).all())
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(torch._foreach_norm(floats)).double().norm()
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global gradient norm (its finiteness decides whether a step is taken)."""
+    return _global_norm([p.grad for p in params])
 
 
 def _state_finite(model, optimizer, ema) -> bool:
     """Weights, optimizer moments and EMAs all finite: the condition for writing a checkpoint."""
-    moments = [v for st in optimizer.state.values() for v in st.values()]
+    moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     shadows = [v for shadow in ema.shadows for v in shadow.values()]
-    return _all_finite([*model.state_dict().values(), *moments, *shadows])
+    return bool(torch.isfinite(_global_norm([*model.state_dict().values(), *moments, *shadows]).cpu()))
 
 
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from slct.checkpoint import atomic_write as _atomic_write  # fsynced, renamed into place, cleaned up on failure
 from slct.codecs import Codec, get_codec
 from slct.data.sources import (ImageSource, SkipImage, looks_like_class_folder, min_side, open_source,
                                prepare_image)
@@ -131,12 +132,6 @@ def format_counts(records: list[dict]) -> str:
 
 def _as_list(batch):
     return batch
-
-
-def _atomic_write(path: Path, write) -> None:
-    from slct.checkpoint import atomic_write
-
-    atomic_write(path, write)  # fsynced before it is renamed into place and recorded as done
 
 
 def _write_json(path: Path, obj: Any) -> None:
