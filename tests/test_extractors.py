@@ -82,7 +82,7 @@ def test_pixels_extractor_features_and_spec():
     feats = ext(images)
     assert feats.dtype == np.float64 and feats.shape == (5, 16) and ext.dim == 16
     np.testing.assert_array_equal(feats, 1.0)
-    assert ext.spec() == dict(name="pixels", dim=16, input_size=4, channels=1, resize="pil-bicubic")
+    assert ext.spec() == dict(name="pixels", dim=16, input_size=4, channels=1, resize="pil-bicubic", protocol="slct")
 
 
 def test_get_extractor_rejects_unknown_names_and_options():

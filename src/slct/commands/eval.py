@@ -24,8 +24,12 @@ HELP = "evaluate a snapshot or an image folder (FID/FD, precision, recall, densi
 
 def _extractor_arguments(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--extractor", default=default,
-                   help="feature space: inception (FID), vgg16 (the paper's recall), mobilenetv2 (offline "
-                   "stand-in), pixels (tests, demo)" + ("" if default else "; None: the reference's"))
+                   help="feature space: inception (FID), dinov2 (FD-DINOv2), vgg16 (the paper's recall), mobilenetv2 "
+                   "(offline stand-in), pixels (tests, demo)" + ("" if default else "; None: the reference's"))
+    p.add_argument("--protocol", default="slct" if default else None, choices=["slct", "pytorch-fid"],
+                   help="how images reach the network: slct (PIL bicubic on uint8) or pytorch-fid (the paper "
+                   "authors' FID: bilinear in float inside the network)" + ("" if default else
+                                                                           "; None: the reference's"))
     p.add_argument("--weights", default=None, help="extractor weight file; None: looked up (docs/evaluation.md)")
     p.add_argument("--download", action="store_true", help="download missing extractor weights into the torch hub cache")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (per process)")
@@ -90,10 +94,12 @@ def _extractor(args, name: str, device, reference_spec: dict | None = None):
         kwargs["weights"] = args.weights
     if args.download:
         kwargs["download"] = True
-    if name in ("inception", "vgg16"):
+    if name in ("inception", "vgg16", "dinov2"):
         kwargs.update(device=device, batch_size=args.batch_size)
     if reference_spec and reference_spec.get("name") == name and name in EXTRACTORS:
         kwargs.update(EXTRACTORS[name].options_from_spec(reference_spec))
+    if getattr(args, "protocol", None) is not None:  # an explicit --protocol wins; a mismatch is refused later
+        kwargs["protocol"] = args.protocol
     return get_extractor(name, **kwargs)
 
 
@@ -121,7 +127,7 @@ def run_ref(args) -> int:
         same_resolution = m.get("resolution") == args.resolution or (m.get("source_kind") == "latents"
                                                                       and args.resolution is None)
         same_split = (m.get("holdout", 0), m.get("split", "all")) == (args.holdout, split)
-        if m.get("extractor") != extractor.spec() or m.get("limit") != args.limit or not same_resolution \
+        if {"protocol": "slct", **m.get("extractor", {})} != extractor.spec() or m.get("limit") != args.limit or not same_resolution \
                 or not same_split:
             raise FileExistsError(f"{out} exists with other settings (see {out.with_suffix('.json')}); "
                                   "pass --force to overwrite or choose another --out")
@@ -176,13 +182,17 @@ def run_eval(args) -> int:
         torch.cuda.set_device(device)
     pairs = [(_extractor(args, args.extractor or ref.manifest["extractor"]["name"], device,
                          ref.manifest.get("extractor")), ref) for ref in refs]
+    protocols = sorted({extractor.protocol for extractor, _ in pairs})
+    if len(protocols) > 1:
+        raise ValueError(f"the references were made under different protocols ({', '.join(protocols)}); "
+                         "evaluate each protocol in its own call")
     common = dict(k=args.k, max_pr_samples=args.max_pr_samples, progress=not args.no_progress)
     record: dict[str, Any] = dict(
         slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         arguments={k: v for k, v in vars(args).items() if not k.startswith("_")})
 
     if args.images is not None:
-        count, read = image_reader(args.images, args.limit)
+        count, read = image_reader(args.images, args.limit, loader=pairs[0][0].protocol)
         if count < 2:
             raise ValueError(f"need at least 2 generated images, found {count} in {args.images}")
         rows = [dict(source=Path(args.images).name, **result)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slct.eval.extractors import Extractor, Images
+from slct.eval.extractors import DEFAULT_PROTOCOL, Extractor, Images
 from slct.eval.metrics import FeatureStats, frechet_distance, precision_recall
 from slct.eval.reference import Reference, image_reader, load_reference
 
@@ -42,14 +42,25 @@ def extractor_for_reference(reference: Reference, **kwargs: Any) -> Extractor:
 
 
 def check_compatible(extractor: Extractor, reference: Reference) -> None:
-    """Raise ValueError when ``reference`` was computed in another feature space than ``extractor``'s."""
+    """Raise ValueError when ``reference`` was computed in another feature space than ``extractor``'s.
+
+    The protocol (how images reach the network) is part of the feature space: a reference made under
+    ``pytorch-fid`` is never compared with samples scored under ``slct`` (files from before protocols
+    were recorded were made under ``slct``).
+    """
     spec, ref_spec = extractor.spec(), reference.manifest.get("extractor")
     if ref_spec is None:  # a foreign file (e.g. pytorch-fid's): only the dimension can be checked
         if reference.mu.shape != (extractor.dim,):
             raise ValueError(f"reference {reference.path} has {reference.mu.shape[0]}-d features; extractor "
                              f"{extractor.name!r} gives {extractor.dim}-d")
         return
-    differ = {k: (ref_spec.get(k), spec.get(k)) for k in ("name", "dim", "input_size", "channels", "resize",
+    ref_protocol = ref_spec.get("protocol", DEFAULT_PROTOCOL)
+    if ref_protocol != extractor.protocol:
+        raise ValueError(f"reference {reference.path or ''} was made under the protocol {ref_protocol!r} and these "
+                         f"samples are scored under {extractor.protocol!r}; the two resize differently and their "
+                         f"numbers are not comparable: use --protocol {ref_protocol} or recompute the reference "
+                         f"with `slct eval ref SOURCE --protocol {extractor.protocol}`")
+    differ = {k: (ref_spec.get(k), spec.get(k)) for k in ("name", "dim", "input_size", "channels", "resize", "model",
                                                           "weights_sha256") if ref_spec.get(k) != spec.get(k)}
     if differ:
         detail = ", ".join(f"{k}: reference {a!r} vs now {b!r}" for k, (a, b) in differ.items())
@@ -58,14 +69,14 @@ def check_compatible(extractor: Extractor, reference: Reference) -> None:
 
 
 def compare(stats: FeatureStats, fake_features: np.ndarray | None, reference: Reference, k: int = 3,
-            chunk_size: int = 4096, extractor_name: str = "") -> dict[str, Any]:
+            chunk_size: int = 4096, extractor_name: str = "", protocol: str = DEFAULT_PROTOCOL) -> dict[str, Any]:
     """Metrics of generated-feature moments (and a feature subset) against a reference.
 
-    Returns ``label`` (FID or FD-<extractor>), ``fd``, ``precision``, ``recall``, ``density``,
+    Returns ``label`` (FID or FD-<extractor>), ``protocol``, ``fd``, ``precision``, ``recall``, ``density``,
     ``coverage`` (None when the reference keeps no features or no fake features were kept), ``n``,
     ``n_pr_fake``, ``n_pr_real`` and ``k``.
     """
-    result: dict[str, Any] = dict(label=metric_label(extractor_name),
+    result: dict[str, Any] = dict(label=metric_label(extractor_name), protocol=protocol,
                                   fd=frechet_distance(stats.mean, stats.cov, reference.mu, reference.sigma))
     pr_ok = fake_features is not None and reference.features is not None and \
         min(len(fake_features), len(reference.features)) > k
@@ -105,7 +116,8 @@ class _Scorer:
         index = [i for _, part_index, _ in parts for i in part_index]
         feats = [f for _, _, part_feats in parts for f in part_feats]
         fake = np.concatenate(feats)[np.argsort(np.concatenate(index), kind="stable")] if feats else None
-        return compare(stats, fake, self.reference, k=k, chunk_size=chunk_size, extractor_name=self.extractor.name)
+        return compare(stats, fake, self.reference, k=k, chunk_size=chunk_size, extractor_name=self.extractor.name,
+                       protocol=self.extractor.protocol)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -176,7 +188,7 @@ def evaluate_folder(path: str | os.PathLike, extractor: Extractor, reference: Re
 
     Image i of the folder plays the role of sample i (also under torchrun); ``limit`` keeps the first ones.
     """
-    count, read = image_reader(path, limit)
+    count, read = image_reader(path, limit, loader=extractor.protocol)
     if count < 2:
         raise ValueError(f"need at least 2 generated images, found {count} in {path}")
     return evaluate_many(read, count, batch_size, [(extractor, reference)], k=k, max_pr_samples=max_pr_samples,
@@ -185,7 +197,7 @@ def evaluate_folder(path: str | os.PathLike, extractor: Extractor, reference: Re
 
 def format_table(rows: Sequence[dict[str, Any]], first: str = "nfe") -> str:
     """A plain-text table of result dicts (one row each; ``first`` is the leading column)."""
-    cols = [first, "label", "fd", "precision", "recall", "density", "coverage", "n"]
+    cols = [first, "label", "protocol", "fd", "precision", "recall", "density", "coverage", "n"]
     cols = [c for c in cols if any(c in r for r in rows)]
 
     def fmt(v: Any) -> str:

@@ -13,11 +13,20 @@ name                    dim    input   what
 ``pixels``              s*s*c  s       the images themselves, downsampled (tests, the digits demo)
 ======================  =====  ======  ======================================================
 
-**The resize policy**, identical for real and generated images: images given as float NCHW tensors
-in [-1, 1] (what codecs decode to) become uint8 by ``round((x + 1) * 127.5)`` clamped to [0, 255];
-uint8 NHWC arrays are taken as they are. Each image is then resized with PIL's bicubic filter
-straight to ``input_size`` x ``input_size`` (no crop, no JPEG round trip); grey images are repeated
-to RGB for the RGB networks.
+**Protocols** (:data:`PROTOCOLS`): how images reach the network, identical for real and generated
+images. Both first make images uint8, as saving a PNG does: float NCHW tensors in [-1, 1] (what codecs
+decode to) become ``round((x + 1) * 127.5)`` clamped to [0, 255]; uint8 NHWC arrays are taken as they are.
+
+* ``slct`` (default): each uint8 image is resized with PIL's bicubic filter straight to ``input_size`` x
+  ``input_size`` (no crop, no JPEG round trip); grey images are repeated to RGB for the RGB networks.
+  For FD-DINOv2 this is exactly dgm-eval's (and EDM2's reference) resize.
+* ``pytorch-fid``: the paper authors' FID protocol. Images become float in [0, 1] (``x / 255``, files read
+  with PIL's ``convert("RGB")``) and are resized inside the network input by bilinear interpolation in
+  float (``F.interpolate``, ``align_corners=False``, no antialiasing), as pytorch-fid's ``resize_input``.
+  Torch networks only (not the uint8 TFLite ``mobilenetv2``).
+
+The protocol is part of :meth:`Extractor.spec`, so references and results record it and features made
+under different protocols are never compared.
 
 Weights (inception, vgg16, mobilenetv2) are looked up in order: the ``weights`` argument (``--weights``);
 ``$SLCT_WEIGHTS``; ``../shared/weights``; the torch hub cache ``~/.cache/torch/hub/checkpoints``. They are
@@ -30,16 +39,45 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 
 RESIZE_METHOD = "pil-bicubic"
 RESIZE_POLICY = ("float [-1,1] -> uint8 round((x+1)*127.5) clamped; uint8 kept; "
                  "PIL bicubic resize to the extractor's input size; grey -> RGB; no JPEG")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images reach an extractor: ``resize`` names the resize (recorded in specs), ``policy`` says it all."""
+
+    name: str
+    resize: str
+    policy: str
+    loader: str  # how image files are decoded: "slct" (slct encode's reader) or "pil-rgb" (PIL convert("RGB"))
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "slct": Protocol("slct", RESIZE_METHOD, RESIZE_POLICY, loader="slct"),
+    "pytorch-fid": Protocol(
+        "pytorch-fid", "torch-bilinear-float",
+        "float [-1,1] -> uint8 round((x+1)*127.5) clamped (a saved PNG); files read with PIL convert('RGB'); "
+        "x / 255 -> F.interpolate bilinear (align_corners=False, no antialias) to the input size in float",
+        loader="pil-rgb"),
+}
+DEFAULT_PROTOCOL = "slct"
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
+    return PROTOCOLS[name]
 
 Images = torch.Tensor | np.ndarray | Sequence[np.ndarray]
 
@@ -182,7 +220,12 @@ def _default_device(device: str | torch.device | None) -> torch.device:
 
 
 class Extractor:
-    """Base class: images in, float64 features (N, dim) out. Subclasses implement :meth:`features_uint8`."""
+    """Base class: images in, float64 features (N, dim) out.
+
+    Subclasses implement :meth:`features_uint8` (the ``slct`` protocol's resized uint8 batch) or, for torch
+    networks that also take the ``pytorch-fid`` protocol, :meth:`features_float` (float [0, 1] NCHW at
+    ``input_size``) and list both in ``protocols``.
+    """
 
     name: str = ""
     dim: int = 0
@@ -190,44 +233,81 @@ class Extractor:
     channels: int = 3
     batch_size: int = 64
     weights_path: Path | None = None
+    protocols: tuple[str, ...] = ("slct",)
+    protocol: str = DEFAULT_PROTOCOL
+    device: torch.device = torch.device("cpu")
+
+    def _set_protocol(self, protocol: str) -> None:
+        get_protocol(protocol)
+        if protocol not in self.protocols:
+            raise ValueError(f"extractor {self.name!r} supports the protocols {list(self.protocols)}, not {protocol!r}")
+        if protocol == "pytorch-fid" and self.channels != 3:
+            raise ValueError("the pytorch-fid protocol reads RGB images (channels=3)")
+        self.protocol = protocol
 
     def __call__(self, images: Images) -> np.ndarray:
-        x = prepare_images(images, self.input_size, self.channels)
+        if self.protocol == "slct":
+            x = prepare_images(images, self.input_size, self.channels)
+            run = self.features_uint8
+        else:
+            x = to_uint8(images)
+            run = self._features_resized_in_float
         if len(x) == 0:
             return np.zeros((0, self.dim), dtype=np.float64)
-        out = np.concatenate([np.asarray(self.features_uint8(x[i:i + self.batch_size]), dtype=np.float64)
+        out = np.concatenate([np.asarray(run(x[i:i + self.batch_size]), dtype=np.float64)
                               for i in range(0, len(x), self.batch_size)])
         if out.shape != (len(x), self.dim):
             raise RuntimeError(f"extractor {self.name!r} returned {out.shape}, expected {(len(x), self.dim)}")
         return out
 
+    def _features_resized_in_float(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """The pytorch-fid protocol: uint8 -> [0, 1] -> bilinear resize in float -> :meth:`features_float`."""
+        def to_float(batch: np.ndarray) -> torch.Tensor:
+            x = torch.from_numpy(np.array(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grey -> RGB, as PIL convert("RGB")
+            # pytorch-fid resizes unconditionally; at the input size bilinear with align_corners=False is the identity
+            return F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+
+        if isinstance(images, np.ndarray):
+            x = to_float(images)
+        else:  # images of several sizes: each is resized on its own (bilinear has no cross-image effect)
+            x = torch.cat([to_float(im[None]) for im in images])
+        return self.features_float(x)
+
     def features_uint8(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, input_size, input_size, channels) -> (B, dim)."""
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 255
+        return self.features_float(x)
+
+    def features_float(self, images: torch.Tensor) -> np.ndarray:
+        """float (B, channels, input_size, input_size) in [0, 1] -> (B, dim)."""
         raise NotImplementedError
 
     @classmethod
     def options_from_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
         """Constructor options that rebuild the feature space ``spec`` describes (weights aside)."""
-        return {}
+        return {"protocol": spec.get("protocol", DEFAULT_PROTOCOL)} if len(cls.protocols) > 1 else {}
 
     def spec(self) -> dict[str, Any]:
         """JSON-able identity of the feature space: equal specs give comparable features."""
         spec: dict[str, Any] = dict(name=self.name, dim=self.dim, input_size=self.input_size,
-                                    channels=self.channels, resize=RESIZE_METHOD)
+                                    channels=self.channels, resize=PROTOCOLS[self.protocol].resize,
+                                    protocol=self.protocol)
         if self.weights_path is not None:
             spec.update(weights=self.weights_path.name, weights_sha256=file_sha256(self.weights_path))
         return spec
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(dim={self.dim}, input_size={self.input_size})"
+        return f"{type(self).__name__}(dim={self.dim}, input_size={self.input_size}, protocol={self.protocol!r})"
 
 
 class PixelExtractor(Extractor):
     """The pixels themselves at ``size`` x ``size``, scaled to [0, 1] and flattened (HWC order)."""
 
     name = "pixels"
+    protocols = ("slct", "pytorch-fid")
 
-    def __init__(self, size: int = 16, channels: int = 3):
+    def __init__(self, size: int = 16, channels: int = 3, protocol: str = DEFAULT_PROTOCOL):
         if int(size) != size or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         if channels not in (1, 3):
@@ -235,22 +315,27 @@ class PixelExtractor(Extractor):
         self.input_size, self.channels = int(size), int(channels)
         self.dim = self.input_size * self.input_size * self.channels
         self.batch_size = 1024
+        self._set_protocol(protocol)
 
     @classmethod
     def options_from_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
-        return dict(size=spec["input_size"], channels=spec["channels"])
+        return dict(super().options_from_spec(spec), size=spec["input_size"], channels=spec["channels"])
 
     def features_uint8(self, images: np.ndarray) -> np.ndarray:
         return images.reshape(len(images), -1) / 255.0
+
+    def features_float(self, images: torch.Tensor) -> np.ndarray:
+        return images.permute(0, 2, 3, 1).reshape(len(images), -1).double().cpu().numpy()  # HWC order, as uint8
 
 
 class InceptionExtractor(Extractor):
     """FID Inception-V3 pool3, 2048-d (:mod:`slct.eval.inception`)."""
 
     name = "inception"
+    protocols = ("slct", "pytorch-fid")
 
     def __init__(self, weights: str | os.PathLike | None = None, download: bool = False,
-                 device: str | torch.device | None = None, batch_size: int = 64):
+                 device: str | torch.device | None = None, batch_size: int = 64, protocol: str = DEFAULT_PROTOCOL):
         from slct.eval import inception
 
         self.dim, self.input_size, self.batch_size = inception.FEATURE_DIM, inception.INPUT_SIZE, batch_size
@@ -259,20 +344,26 @@ class InceptionExtractor(Extractor):
                                          sha256_prefix=inception.FID_WEIGHTS_SHA256_PREFIX)
         self.device = _default_device(device)
         self.model = inception.load_fid_inception(self.weights_path).to(self.device)
+        self._set_protocol(protocol)
 
     @torch.no_grad()
     def features_uint8(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1  # the TF graph's [-1, 1]
         return self.model(x).double().cpu().numpy()
 
+    @torch.no_grad()
+    def features_float(self, images: torch.Tensor) -> np.ndarray:
+        return self.model(2 * images - 1).double().cpu().numpy()  # [0, 1] -> [-1, 1] as pytorch-fid's normalize_input
+
 
 class VGG16Extractor(Extractor):
     """VGG16 fc2, 4096-d, for precision/recall (:mod:`slct.eval.vgg`); NVlabs' file preferred."""
 
     name = "vgg16"
+    protocols = ("slct", "pytorch-fid")
 
     def __init__(self, weights: str | os.PathLike | None = None, download: bool = False,
-                 device: str | torch.device | None = None, batch_size: int = 64):
+                 device: str | torch.device | None = None, batch_size: int = 64, protocol: str = DEFAULT_PROTOCOL):
         from slct.eval import vgg
 
         self.dim, self.input_size, self.batch_size = vgg.FEATURE_DIM, vgg.INPUT_SIZE, batch_size
@@ -280,11 +371,16 @@ class VGG16Extractor(Extractor):
                                          url=vgg.NVLABS_VGG16_URL, what="VGG16", download=download)
         self.device = _default_device(device)
         self.model, self.weights_format = vgg.load_vgg16(self.weights_path, self.device)
+        self._set_protocol(protocol)
 
     @torch.no_grad()
     def features_uint8(self, images: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()  # RGB in [0, 255]
         return self.model(x).double().cpu().numpy()
+
+    @torch.no_grad()
+    def features_float(self, images: torch.Tensor) -> np.ndarray:
+        return self.model(images * 255).double().cpu().numpy()  # the detector takes RGB in [0, 255]
 
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "weights_format": self.weights_format}
@@ -321,12 +417,18 @@ EXTRACTORS: dict[str, type[Extractor]] = {
 def get_extractor(name: str, **kwargs: Any) -> Extractor:
     """Build the extractor ``name`` (a key of :data:`EXTRACTORS`) with its keyword options.
 
-    Options: inception / vgg16: ``weights``, ``download``, ``device``, ``batch_size``; mobilenetv2:
-    ``weights``, ``download``, ``num_threads``; pixels: ``size``, ``channels``.
+    Options: inception / vgg16: ``weights``, ``download``, ``device``, ``batch_size``, ``protocol``; dinov2: the
+    same and ``model``; mobilenetv2: ``weights``, ``download``, ``num_threads``; pixels: ``size``, ``channels``,
+    ``protocol``. ``protocol`` (:data:`PROTOCOLS`) defaults to ``slct``.
     """
     if name not in EXTRACTORS:
         raise ValueError(f"extractor must be one of {sorted(EXTRACTORS)}, got {name!r}")
     cls = EXTRACTORS[name]
+    if kwargs.get("protocol", DEFAULT_PROTOCOL) not in cls.protocols:
+        get_protocol(kwargs["protocol"])
+        raise ValueError(f"extractor {name!r} supports the protocols {list(cls.protocols)}, not {kwargs['protocol']!r}")
+    if "protocol" in kwargs and len(cls.protocols) == 1:
+        kwargs = {k: v for k, v in kwargs.items() if k != "protocol"}
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:

@@ -31,7 +31,7 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
-from slct.eval.extractors import RESIZE_POLICY, Extractor, Images
+from slct.eval.extractors import PROTOCOLS, Extractor, Images
 from slct.eval.metrics import FeatureStats
 
 MANIFEST_FORMAT = "slct-reference-v1"
@@ -72,14 +72,18 @@ def _image_channels(image: PIL.Image.Image) -> int:
     return 1 if image.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
 
 
-def load_image(image: PIL.Image.Image, resolution: int | None = None, resample: str = "bicubic") -> np.ndarray:
+def load_image(image: PIL.Image.Image, resolution: int | None = None, resample: str = "bicubic",
+               loader: str = "slct") -> np.ndarray:
     """A PIL image -> uint8 (H, W, C), C = 1 for grey files and 3 otherwise.
 
     With ``resolution``: center crop to a square and resize with ``resample``, exactly as ``slct encode``
-    prepares training images; without: the image as stored.
+    prepares training images; without: the image as stored, decoded as the protocol ``loader`` says
+    (``slct``: as ``slct encode`` reads files; ``pytorch-fid``: PIL's ``convert("RGB")``, pytorch-fid's).
     """
     from slct.data.sources import normalize_image, prepare_image
 
+    if PROTOCOLS[loader].loader == "pil-rgb" and resolution is None:
+        return np.asarray(image.convert("RGB"))
     channels = _image_channels(image)
     if resolution is None:  # 16-bit, transparency, animations: as `slct encode` converts them
         arr = np.asarray(normalize_image(image, channels))
@@ -95,11 +99,12 @@ def list_images(source: str | os.PathLike) -> list[str]:
 
 
 def image_reader(source: str | os.PathLike, limit: int | None = None, resolution: int | None = None,
-                 resample: str = "bicubic", holdout: int = 0,
-                 split: str = "all") -> tuple[int, Callable[[Sequence[int]], list[np.ndarray]]]:
+                 resample: str = "bicubic", holdout: int = 0, split: str = "all",
+                 loader: str = "slct") -> tuple[int, Callable[[Sequence[int]], list[np.ndarray]]]:
     """(count, read) for a folder or zip: ``read(indices)`` -> the uint8 HWC images at those positions
     of the :func:`list_images` order restricted to ``split`` (as ``slct encode --holdout``), thinned to
-    ``limit`` images spread evenly over it (as ``slct encode --limit``: one meaning everywhere)."""
+    ``limit`` images spread evenly over it (as ``slct encode --limit``: one meaning everywhere). ``loader``:
+    the protocol whose file decoding is used (:func:`load_image`)."""
     from slct.data.encode import split_indices
     from slct.data.sources import open_source
 
@@ -113,7 +118,7 @@ def image_reader(source: str | os.PathLike, limit: int | None = None, resolution
             if not 0 <= i < count:
                 raise IndexError(f"image index {i} out of range [0, {count}) of {source}")
             with src.load(int(positions[i])) as image:
-                out.append(load_image(image, resolution, resample))
+                out.append(load_image(image, resolution, resample, loader))
         return out
 
     return count, read
@@ -173,7 +178,8 @@ def reference_from_images(images: Images | Iterable[Images], extractor: Extracto
     batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
     stats = stats_from_batches(batches, extractor, max_features, progress=progress)
     return Reference.from_stats(stats, dict(format=MANIFEST_FORMAT, source="<in memory>", count=stats.n,
-                                            extractor=extractor.spec(), resize=RESIZE_POLICY))
+                                            extractor=extractor.spec(), protocol=extractor.protocol,
+                                            resize=PROTOCOLS[extractor.protocol].policy))
 
 
 def default_reference_path(source: str | os.PathLike, extractor: Extractor, resolution: int | None = None,
@@ -226,7 +232,7 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
         source_images = len(dataset)
         where = str(source) if str(source).startswith("builtin:") else str(Path(source).resolve())
     else:
-        count, read = image_reader(source, limit, resolution, resample, holdout, split)
+        count, read = image_reader(source, limit, resolution, resample, holdout, split, loader=extractor.protocol)
         source_images = len(list_images(source))
         batches = (read(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size))
         kind, codec_spec, where = ("zip" if Path(source).is_file() else "folder"), None, str(Path(source).resolve())
@@ -237,7 +243,8 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
     manifest = dict(
         format=MANIFEST_FORMAT, source=where, source_kind=kind, codec=codec_spec,
         count=stats.n, features_kept=0 if stats.features is None else len(stats.features),
-        extractor=extractor.spec(), resolution=resolution, resample=resample, resize=RESIZE_POLICY, limit=limit,
+        extractor=extractor.spec(), resolution=resolution, resample=resample, protocol=extractor.protocol,
+        resize=PROTOCOLS[extractor.protocol].policy, limit=limit,
         holdout=holdout, split=split, source_images=source_images, slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     return Reference.from_stats(stats, manifest)
