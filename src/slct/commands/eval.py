@@ -31,6 +31,8 @@ def _extractor_arguments(p: argparse.ArgumentParser, default: str | None) -> Non
                    "authors' FID: bilinear in float inside the network)" + ("" if default else
                                                                            "; None: the reference's"))
     p.add_argument("--weights", default=None, help="extractor weight file; None: looked up (docs/evaluation.md)")
+    p.add_argument("--model", default=None, help="network size of extractors that have several: dinov2 vitl14 "
+                   "(FD-DINOv2, the default), vitb14, vits14" + ("" if default else "; None: the reference's"))
     p.add_argument("--download", action="store_true", help="download missing extractor weights into the torch hub cache")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (per process)")
     p.add_argument("--device", default="auto", help="auto: CUDA when available")
@@ -87,6 +89,8 @@ def run(args) -> int:
 
 def _extractor(args, name: str, device, reference_spec: dict | None = None):
     """The extractor ``name`` with the CLI's options; a reference's spec fixes the rest (e.g. pixels' size)."""
+    import inspect
+
     from slct.eval import EXTRACTORS, get_extractor
 
     kwargs: dict[str, Any] = {}
@@ -98,6 +102,10 @@ def _extractor(args, name: str, device, reference_spec: dict | None = None):
         kwargs.update(device=device, batch_size=args.batch_size)
     if reference_spec and reference_spec.get("name") == name and name in EXTRACTORS:
         kwargs.update(EXTRACTORS[name].options_from_spec(reference_spec))
+    if getattr(args, "model", None) is not None:
+        if "model" not in inspect.signature(EXTRACTORS[name].__init__).parameters:
+            raise ValueError(f"--model goes with --extractor dinov2, not {name}")
+        kwargs["model"] = args.model
     if getattr(args, "protocol", None) is not None:  # an explicit --protocol wins; a mismatch is refused later
         kwargs["protocol"] = args.protocol
     return get_extractor(name, **kwargs)

@@ -27,7 +27,7 @@ GenerateFn = Callable[[list[int]], Images]
 
 def metric_label(extractor_name: str) -> str:
     """What the Frechet distance is called in tables: FID only in Inception space."""
-    return "FID" if extractor_name == "inception" else f"FD-{extractor_name}"
+    return {"inception": "FID", "dinov2": "FD-DINOv2"}.get(extractor_name, f"FD-{extractor_name}")
 
 
 def extractor_for_reference(reference: Reference, **kwargs: Any) -> Extractor:

@@ -8,6 +8,7 @@ JSON-able record that pins it (weights file and sha256 included) in results and 
 name                    dim    input   what
 ======================  =====  ======  ======================================================
 ``inception``           2048   299     FID Inception-V3 pool3 (pytorch-fid weights): FID
+``dinov2``              1024   224     DINOv2 ViT-L/14 class token (timm network, Meta's weights): FD-DINOv2
 ``vgg16``               4096   224     VGG16 fc2 (NVlabs or torchvision weights): the paper's recall
 ``mobilenetv2``         1280   224     ImageNet MobileNetV2 (LiteRT, offline): "FD-MobileNetV2"
 ``pixels``              s*s*c  s       the images themselves, downsampled (tests, the digits demo)
@@ -386,6 +387,50 @@ class VGG16Extractor(Extractor):
         return {**super().spec(), "weights_format": self.weights_format}
 
 
+class DINOv2Extractor(Extractor):
+    """DINOv2 class token (ViT-L/14: 1024-d) for FD-DINOv2 (:mod:`slct.eval.dinov2`; ``pip install "slct[dinov2]"``).
+
+    Weights: ``weights``, else Meta's checkpoint in the usual places (torch hub cache included), else timm's
+    ``model.safetensors`` in the Hugging Face hub cache. ``model`` picks another size (vits14 for quick tests);
+    FD-DINOv2 as published is vitl14.
+    """
+
+    name = "dinov2"
+    protocols = ("slct", "pytorch-fid")
+
+    def __init__(self, weights: str | os.PathLike | None = None, download: bool = False,
+                 device: str | torch.device | None = None, batch_size: int = 32, protocol: str = DEFAULT_PROTOCOL,
+                 model: str = "vitl14"):
+        from slct.eval import dinov2
+
+        variant = dinov2.get_variant(model)
+        self.model_name, self.dim, self.input_size, self.batch_size = model, variant.dim, dinov2.INPUT_SIZE, batch_size
+        try:
+            self.weights_path = find_weights(weights, filenames=[variant.file], url=variant.url,
+                                             what=f"DINOv2 {model}", download=download)
+        except FileNotFoundError:
+            cached = dinov2.hf_cache_file(variant) if weights is None else None
+            if cached is None:
+                raise
+            self.weights_path = cached
+        self.device = _default_device(device)
+        self.model = dinov2.load_dinov2(self.weights_path, model).to(self.device)
+        self.mean = torch.tensor(dinov2.IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(dinov2.IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self._set_protocol(protocol)
+
+    @classmethod
+    def options_from_spec(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(super().options_from_spec(spec), model=spec.get("model", "vitl14"))
+
+    @torch.no_grad()
+    def features_float(self, images: torch.Tensor) -> np.ndarray:
+        return self.model((images - self.mean) / self.std).double().cpu().numpy()
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "model": self.model_name}
+
+
 class MobileNetV2Extractor(Extractor):
     """ImageNet MobileNetV2 (uint8 TFLite via ai-edge-litert) average pool, 1280-d (:mod:`slct.eval.mobilenet`)."""
 
@@ -409,6 +454,7 @@ class MobileNetV2Extractor(Extractor):
 EXTRACTORS: dict[str, type[Extractor]] = {
     "inception": InceptionExtractor,
     "vgg16": VGG16Extractor,
+    "dinov2": DINOv2Extractor,
     "mobilenetv2": MobileNetV2Extractor,
     "pixels": PixelExtractor,
 }
