@@ -86,7 +86,7 @@ def test_pixels_extractor_features_and_spec():
 
 
 def test_get_extractor_rejects_unknown_names_and_options():
-    assert set(EXTRACTORS) == {"inception", "vgg16", "mobilenetv2", "pixels"}
+    assert set(EXTRACTORS) == {"inception", "dinov2", "vgg16", "mobilenetv2", "pixels"}
     with pytest.raises(ValueError, match="extractor must be one of"):
         get_extractor("clip")
     with pytest.raises(ValueError, match="does not take \\['weights'\\]"):
