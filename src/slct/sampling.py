@@ -5,6 +5,8 @@
 - EDM's deterministic Heun / Euler solver for the ``ldm`` diffusion baseline.
 - Per-sample seeds: sample i's noise comes from its own generator seeded with ``seeds[i]``, so a sample is the same
   whatever the batch size or the number of processes.
+- Class labels of a conditional model are a pure function of each sample's seed too (:func:`labels_for_seeds`).
+- Classifier-free guidance (:class:`Guided`) for the ``ldm`` diffusion baseline only: see :func:`check_guidance`.
 - A snapshot file holds the EMA weights, the resolved config and the codec/normalisation metadata: everything needed to
   generate and decode, without the dataset or the training state.
 """
@@ -89,10 +91,115 @@ def edm_sample(model, noise: torch.Tensor, num_steps: int = 18, sigma_min: float
     return x.float()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Class labels and guidance
+
+LABEL_MODES = ("balanced", "random", "none")
+
+
+def labels_for_seeds(spec, seeds, num_classes: int, class_names=()) -> torch.Tensor | None:
+    """Class ids (B,) int64 for ``seeds``, each a function of its seed alone (any batch, any process count).
+
+    ``spec``: None or "balanced": class ``seed mod K`` (consecutive seeds cycle through the classes, so n samples
+    hold every class n/K times, within one); "random": uniform, drawn from the seed; "none": no label (the null
+    label: the unconditional output of a network trained with label dropout); a list of class names or ids (a
+    string is looked up as a name first, then as an id): the sample with seed s gets ``labels[s mod len(labels)]``
+    (one entry: every sample). An unconditional model
+    (``num_classes == 0``) takes None or "none" only.
+    """
+    items = [spec] if spec is None or isinstance(spec, (str, int)) else list(spec)
+    if num_classes == 0:
+        if items not in ([None], ["none"]):
+            raise ValueError("this model is unconditional (trained without data.conditional): it takes no --labels")
+        return None
+    seeds = [int(s) for s in seeds]
+    if items in ([None], ["balanced"]):
+        return torch.tensor([s % num_classes for s in seeds], dtype=torch.int64)
+    if items == ["random"]:
+        return torch.tensor([int(torch.randint(num_classes, (), generator=torch.Generator().manual_seed(s + 2**40)))
+                             for s in seeds], dtype=torch.int64)  # an offset stream: not the noise's generator
+    if items == ["none"]:
+        return None
+    ids = []
+    names = [str(c) for c in class_names]
+    for item in items:
+        text = str(item)
+        if text in LABEL_MODES:
+            raise ValueError(f"--labels {text} cannot be combined with other labels")
+        if not isinstance(item, int) and text in names:  # a class name first (class folders may be named "3")
+            ids.append(names.index(text))
+        elif text.lstrip("-").isdigit() and 0 <= int(text) < num_classes:
+            ids.append(int(text))
+        else:
+            known = f"; class names: {', '.join(names[:20])}" if names else ""
+            raise ValueError(f"label {text!r} is not a class of this model (ids 0..{num_classes - 1}{known})")
+    return torch.tensor([ids[s % len(ids)] for s in seeds], dtype=torch.int64)
+
+
+def describe_labels(spec) -> str | list | None:
+    """The label choice as recorded in results (the resolved default included)."""
+    if spec is None:
+        return None
+    items = [spec] if isinstance(spec, (str, int)) else list(spec)
+    return items[0] if len(items) == 1 and str(items[0]) in LABEL_MODES else [str(i) for i in items]
+
+
+class Guided(torch.nn.Module):
+    """Classifier-free guidance of a denoiser: ``D = D(x | none) + w (D(x | c) - D(x | none))`` (Ho & Salimans
+    2022, in EDM's denoiser form); w = 1 is the conditional denoiser. One batched call evaluates both halves."""
+
+    def __init__(self, model, guidance: float):
+        super().__init__()
+        self.model, self.guidance = model, float(guidance)
+
+    def forward(self, x, sigma, class_labels=None):
+        if class_labels is None or self.guidance == 1:
+            return self.model(x, sigma, class_labels)
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(b)
+        null = torch.zeros(b, self.model.net.label_dim, device=x.device)  # the all-zero label dropout trained
+        labels = torch.nn.functional.one_hot(class_labels.long(), self.model.net.label_dim).float() \
+            if not class_labels.is_floating_point() else class_labels
+        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels.to(x.device), null]))
+        cond, uncond = both[:b], both[b:]
+        return uncond + self.guidance * (cond - uncond)
+
+
+def check_guidance(guidance: float, objective_kind: str, num_classes: int, label_dropout: float) -> None:
+    """Refuse guidance where it has no meaning.
+
+    Guidance extrapolates between two *denoisers* along the probability-flow ODE; a solver then integrates the
+    guided field. A consistency model is the ODE's solution map: mixing two of its outputs is not guidance of
+    anything (the mix of two endpoints is not the endpoint of the mixed flow), and a model trained without
+    label dropout has never seen the null label. Guided few-step generation has to be trained in (e.g. guided
+    consistency distillation); slct's consistency objectives do not, so ``guidance != 1`` is refused for them.
+    """
+    if guidance == 1:
+        return
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"--guidance must be a finite number >= 0, got {guidance}")
+    if objective_kind != "edm":
+        raise ValueError("--guidance is classifier-free guidance of a diffusion denoiser (the ldm baseline); a "
+                         "consistency model maps noise to data directly and mixing two of its outputs is not "
+                         "guidance (docs/evaluation.md)")
+    if num_classes == 0:
+        raise ValueError("--guidance needs a class-conditional model (data.conditional: true)")
+    if not label_dropout > 0:
+        raise ValueError("--guidance needs a network trained with label dropout (network.label_dropout > 0, "
+                         "e.g. 0.1): this one never saw the null label, so its unconditional output is undefined")
+
+
 def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, objective_cfg, sampling_cfg,
-                   class_labels=None, device=None) -> torch.Tensor:
-    """Normalised latents for ``seeds`` with ``nfe`` steps of the sampler that fits the objective's kind."""
+                   class_labels=None, device=None, guidance: float = 1.0) -> torch.Tensor:
+    """Normalised latents for ``seeds`` with ``nfe`` steps of the sampler that fits the objective's kind.
+
+    ``guidance`` (ldm only; see :func:`check_guidance`): classifier-free guidance weight, 1 = none.
+    """
     device = device or next(model.parameters()).device
+    if class_labels is not None:
+        class_labels = class_labels.to(device)
+    if guidance != 1:
+        model = Guided(model, guidance)
     if objective_cfg.kind == "edm":
         (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
         steps = nfe if sampling_cfg.ldm_solver == "euler" else (nfe + 1) // 2
@@ -189,16 +296,31 @@ class Snapshot:
             self._codec = get_codec(**self.codec_spec).to(self.device)
         return self._codec
 
-    def sample_latents(self, seeds, nfe: int, class_labels=None) -> torch.Tensor:
+    @property
+    def class_names(self) -> list[str]:
+        names = (self.data_source or {}).get("class_names") or []
+        return [str(c) for c in names] if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
+
+    def labels(self, seeds, spec=None) -> torch.Tensor | None:
+        """:func:`labels_for_seeds` for this model (None spec: class-balanced for a conditional model)."""
+        return labels_for_seeds(spec, seeds, self.num_classes, self.class_names)
+
+    def check_guidance(self, guidance: float) -> None:
+        check_guidance(guidance, self.config.objective.kind, self.num_classes,
+                       float(getattr(self.model.net, "label_dropout", 0.0) or 0.0))
+
+    def sample_latents(self, seeds, nfe: int, class_labels=None, guidance: float = 1.0) -> torch.Tensor:
+        if guidance != 1:
+            self.check_guidance(guidance)
         return sample_latents(self.model, list(seeds), self.latent_shape, nfe, self.config.objective,
-                              self.config.sampling, class_labels, self.device)
+                              self.config.sampling, class_labels, self.device, guidance)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [-1, 1] through the run's normalisation and codec."""
         return self.codec.decode(self.normalizer.denormalize(latents))
 
-    def generate(self, seeds, nfe: int, class_labels=None) -> torch.Tensor:
-        return self.decode(self.sample_latents(seeds, nfe, class_labels))
+    def generate(self, seeds, nfe: int, class_labels=None, guidance: float = 1.0) -> torch.Tensor:
+        return self.decode(self.sample_latents(seeds, nfe, class_labels, guidance))
 
     def info(self) -> dict:
         return {"path": str(self.path), "sha256": file_sha256(self.path), "step": self.step,

@@ -245,7 +245,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     state = TrainState()
     meta = {"codec": dataset.codec_spec, "normalizer": dataset.normalizer.to_dict(), "latent_shape": list(latent_shape),
             "num_classes": num_classes, "network_kwargs": net_kwargs,
-            "data_source": {k: dataset.manifest.get(k) for k in ("source", "selection", "image_resolution")}}
+            "data_source": {k: dataset.manifest.get(k) for k in ("source", "selection", "image_resolution",
+                                                                   "class_names")}}
     ckpt_path = _resume_path(run_dir, resume)
 
     with _removed_if_start_fails(run_dir, dist.is_main):
@@ -758,15 +759,21 @@ class _Logger:
             model.load_state_dict(backup)
             model.train()
 
+    @property
+    def _class_names(self) -> list[str]:
+        return list(getattr(self._dataset, "manifest", {}).get("class_names") or [])
+
     @torch.no_grad()
     def sample_grids(self, model, ema, step: int, latent_shape) -> None:
         from slct.images import save_grid
-        from slct.sampling import default_nfe, sample_latents
+        from slct.sampling import default_nfe, labels_for_seeds, sample_latents
 
         with self._ema_model(model, ema) as (_, decode):
             seeds = list(range(self.cfg.logging.grid_size))
+            labels = labels_for_seeds(None, seeds, _num_classes(model))  # class-balanced for a conditional model
             for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
-                z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling)
+                z = sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective, self.cfg.sampling,
+                                   labels)
                 save_grid(decode(z), self.run_dir / "samples" / f"step-{step:08d}-nfe{nfe}.png")
 
     @torch.no_grad()
@@ -774,17 +781,20 @@ class _Logger:
         """FD (and precision/recall) of the default EMA model on logging.eval_n samples, per NFE."""
         from slct.eval.evaluate import evaluate_many, extractor_for_reference
         from slct.eval.reference import load_reference
-        from slct.sampling import default_nfe, sample_latents
+        from slct.sampling import default_nfe, labels_for_seeds, sample_latents
 
         if self._eval_pair is None:  # loaded once per run
             reference = load_reference(self.cfg.logging.eval_reference)
             self._eval_pair = (extractor_for_reference(reference), reference)
+        ref_class = self._eval_pair[1].manifest.get("class")  # a one-class reference: samples of that class
+        spec = None if ref_class is None else [str(ref_class)]
         with self._ema_model(model, ema) as (decay, decode):
             row = {"eval_step": step, "eval_n": self.cfg.logging.eval_n, "ema": decay}
             for nfe in default_nfe(self.cfg.objective, self.cfg.sampling):
                 def generate(seeds, nfe=nfe):
+                    labels = labels_for_seeds(spec, seeds, _num_classes(model), self._class_names)
                     return decode(sample_latents(model, seeds, tuple(latent_shape), nfe, self.cfg.objective,
-                                                 self.cfg.sampling))
+                                                 self.cfg.sampling, labels))
 
                 (result,) = evaluate_many(generate, self.cfg.logging.eval_n, 64, [self._eval_pair], progress=False)
                 row.update({f"{key}_nfe{nfe}": result[key] for key in ("fd", "precision", "recall")
@@ -821,6 +831,13 @@ def _row_step(row: dict) -> int | None:
         if row.get(key) is not None:
             return row[key]
     return None
+
+
+def _num_classes(model) -> int:
+    """Classes of a (preconditioned, possibly compiled or DDP-wrapped) model's network; 0: unconditional."""
+    net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)
+    return int(getattr(getattr(net, "net", net), "label_dim", 0) or 0)
 
 
 def trim_metrics(path: Path, step: int) -> int:

@@ -52,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch or process count")
     p.add_argument("--ema", default=None, help="which weights of the snapshot: an EMA name (rampup, std=0.05), a "
                    "decay (0.9999) or 'online'; None: the run's default (train.ema_default)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="class-conditional snapshots: balanced (seed mod K), random, none, or class names / ids; "
+                   "None: the reference's class (`eval ref --class`), else balanced")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance weight (ldm baseline trained with label dropout; 1: none)")
     p.add_argument("--limit", type=int, default=None,
                    help="use N images of --images spread evenly over them (as `slct encode --limit`)")
     p.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall (3: the paper's recall)")
@@ -79,6 +84,9 @@ def add_ref_arguments(ref: argparse.ArgumentParser) -> None:
                      help="images held out as `slct encode --holdout N` does (same N, same images)")
     ref.add_argument("--split", choices=["all", "train", "holdout"], default=None,
                      help="which images of a folder/zip (default: holdout when --holdout is given, else all)")
+    ref.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                     help="only this class's images (a class sub-folder name or id; a labelled latent dataset's "
+                     "class): the reference for per-class evaluation of a conditional model")
     ref.add_argument("--force", action="store_true", help="recompute even if the output exists")
     _extractor_arguments(ref, default="inception")
 
@@ -128,13 +136,14 @@ def run_ref(args) -> int:
     split = args.split or ("holdout" if args.holdout else "all")
     out = Path(args.out) if args.out else default_reference_path(args.source, extractor, args.resolution,
                                                                   args.resample, max_features, args.limit,
-                                                                  args.holdout, split)
+                                                                  args.holdout, split, args.class_name)
     if out.exists() and not args.force:
         ref = load_reference(out)
         m = ref.manifest
         same_resolution = m.get("resolution") == args.resolution or (m.get("source_kind") == "latents"
                                                                       and args.resolution is None)
-        same_split = (m.get("holdout", 0), m.get("split", "all")) == (args.holdout, split)
+        same_split = (m.get("holdout", 0), m.get("split", "all")) == (args.holdout, split) and \
+            (args.class_name is None) == (m.get("class") is None)
         if {"protocol": "slct", **m.get("extractor", {})} != extractor.spec() or m.get("limit") != args.limit or not same_resolution \
                 or not same_split:
             raise FileExistsError(f"{out} exists with other settings (see {out.with_suffix('.json')}); "
@@ -143,10 +152,12 @@ def run_ref(args) -> int:
         return 0
     ref = compute_reference(args.source, extractor, resolution=args.resolution, resample=args.resample,
                             batch_size=args.batch_size, max_features=max_features, limit=args.limit,
-                            progress=not args.no_progress, device=device, holdout=args.holdout, split=split)
+                            progress=not args.no_progress, device=device, holdout=args.holdout, split=split,
+                            class_name=args.class_name)
     path = save_reference(ref, out)
     res = f"{ref.manifest['resolution']} px" if ref.manifest["resolution"] else "native size"
-    print(f"reference statistics of {ref.n} images ({extractor.name}, {res}) -> {path} "
+    cls = f", class {ref.manifest['class']}" if ref.manifest.get("class") is not None else ""
+    print(f"reference statistics of {ref.n} images ({extractor.name}, {res}{cls}) -> {path} "
           f"(+ {path.with_suffix('.json').name})")
     return 0
 
@@ -166,6 +177,25 @@ def _references(args) -> list:
     return refs
 
 
+def _labels_for_references(labels, refs, paths, num_classes: int):
+    """--labels, or the class the references were made of (`eval ref --class`); a disagreement is an error."""
+    classes = {ref.manifest.get("class") for ref in refs}
+    if classes == {None}:
+        return labels
+    if len(classes) > 1:
+        raise ValueError(f"the references hold different classes ({', '.join(sorted(map(str, classes)))}); "
+                         "evaluate one class per call")
+    (cls,) = classes
+    if cls is None or None in classes:
+        raise ValueError("a class reference and an all-class reference cannot share one evaluation")
+    if labels is None:
+        return [str(cls)]
+    if [str(x) for x in labels] != [str(cls)]:
+        raise ValueError(f"{paths[0]} holds the images of class {cls!r}; --labels {' '.join(map(str, labels))} would "
+                         f"compare other classes with them (pass --labels {cls} or leave --labels out)")
+    return labels
+
+
 def run_eval(args) -> int:
     import importlib
 
@@ -175,6 +205,7 @@ def run_eval(args) -> int:
     from slct.eval.evaluate import evaluate_many, format_table
     from slct.eval.extractors import file_sha256
     from slct.eval.reference import check_held_out, image_reader
+    from slct.sampling import describe_labels
 
     if args.snapshot is None and args.images is None:
         raise ValueError("give --snapshot PATH or --images DIR (or use `slct eval ref SOURCE`)")
@@ -213,6 +244,9 @@ def run_eval(args) -> int:
         overlaps = [check_held_out(getattr(snap, "data_source", None), ref.manifest, path)
                     for path, ref in zip(args.ref, refs)]
         info = snap.info()
+        labels = _labels_for_references(args.labels, refs, args.ref, snap.num_classes)
+        snap.labels([args.seed], labels)  # unknown labels or an unconditional model fail before any work
+        snap.check_guidance(args.guidance)
         nfes = args.nfe
         if nfes is None and hasattr(sampling, "default_nfe") and hasattr(snap, "config"):
             nfes = sampling.default_nfe(snap.config.objective, snap.config.sampling)
@@ -221,7 +255,7 @@ def run_eval(args) -> int:
         for nfe in nfes:
             def generate(seeds: list[int], nfe: int = nfe) -> torch.Tensor:
                 with torch.no_grad():
-                    return snap.generate(seeds, nfe)
+                    return snap.generate(seeds, nfe, snap.labels(seeds, labels), args.guidance)
 
             results = evaluate_many(generate, args.n, args.batch_size, pairs, seed=args.seed, **common)
             rows += [dict(nfe=nfe, **result) for result in results]
@@ -230,7 +264,9 @@ def run_eval(args) -> int:
         record.update(snapshot=dict(path=str(snapshot_path.resolve()), sha256=sha, info=info),
                       codec=info.get("codec"), nfe=nfes, n=args.n,
                       seeds=dict(first=args.seed, last=args.seed + args.n - 1, rule="sample i uses seed first + i"),
-                      world_size=dist.world_size,
+                      world_size=dist.world_size, guidance=args.guidance,
+                      labels=describe_labels(labels if labels is not None else ("balanced" if snap.num_classes
+                                                                                else None)),
                       reference_images_in_training=overlaps)  # None: not the same source, cannot tell
         first = "nfe"
 

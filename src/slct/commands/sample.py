@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-mid", type=float, default=None, help="2-step intermediate sigma (default: the run's)")
     p.add_argument("--ema", default=None, help="which weights: an EMA name (rampup, std=0.05), a decay (0.9999) or "
                    "'online'; None: the run's default (train.ema_default)")
+    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
+                   help="class-conditional models: balanced (default: seed mod K), random, none (the null label), or "
+                   "class names / ids (the sample with seed s gets LABELS[s mod len(LABELS)])")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance weight for the ldm baseline trained with label dropout (1: none); "
+                   "refused for consistency models (docs/evaluation.md)")
     p.add_argument("--format", nargs="+", choices=("grid", "png", "npz"), default=["grid"],
                    help="one or more of: grid (one PNG), png (one file per sample), npz (images, latents, seeds)")
     p.add_argument("--out", default=None, help="output directory (default: <run>/samples-cli)")
@@ -47,6 +53,8 @@ def run(args) -> int:
     from slct.sampling import default_nfe
 
     nfes = args.nfe or default_nfe(snap.config.objective, snap.config.sampling)
+    snap.labels([args.seed], args.labels)  # a wrong label or an unconditional model fails before any work
+    snap.check_guidance(args.guidance)
     base = find_snapshot(args.snapshot).parent
     if base.name in ("checkpoints", "power-ema", "posthoc-ema"):  # the run directory above them
         base = base.parent
@@ -55,11 +63,13 @@ def run(args) -> int:
     mine = seeds[dist.rank::dist.world_size]  # disjoint shares; each sample depends on its seed only
     formats = set(args.format)
     for nfe in nfes:
-        images, latents = [], []
+        images, latents, labels = [], [], []
         for i in tqdm(range(0, len(mine), args.batch), desc=f"nfe={nfe}", disable=not dist.is_main):
             chunk = mine[i:i + args.batch]
-            z = snap.sample_latents(chunk, nfe)
+            y = snap.labels(chunk, args.labels)
+            z = snap.sample_latents(chunk, nfe, y, args.guidance)
             x = snap.decode(z)
+            labels.append(y if y is not None else torch.full((len(chunk),), -1))
             if "png" in formats:
                 save_pngs(x, out / f"nfe{nfe}", [f"{s:06d}.png" for s in chunk])
             if formats & {"grid", "npz"}:
@@ -68,18 +78,21 @@ def run(args) -> int:
         if not formats & {"grid", "npz"}:
             continue
         gathered = distributed.gather_objects((mine, torch.cat(images) if images else None,
-                                               torch.cat(latents) if latents else None))
+                                               torch.cat(latents) if latents else None,
+                                               torch.cat(labels) if labels else None))
         if not dist.is_main:
             continue
-        order = sorted((s, k, j) for k, (ss, _, _) in enumerate(gathered) for j, s in enumerate(ss))
+        order = sorted((s, k, j) for k, (ss, *_) in enumerate(gathered) for j, s in enumerate(ss))
         x = torch.stack([gathered[k][1][j] for _, k, j in order])
         z = torch.stack([gathered[k][2][j] for _, k, j in order])
+        y = torch.stack([gathered[k][3][j] for _, k, j in order])
         out.mkdir(parents=True, exist_ok=True)
         if "grid" in formats:
             print(f"nfe={nfe}: {len(seeds)} samples -> {save_grid(x, out / f'grid-nfe{nfe}.png')}")
         if "npz" in formats:
             path = out / f"samples-nfe{nfe}.npz"
-            np.savez(path, images=to_uint8(x), latents=z.numpy(), seeds=np.array(seeds))
+            extra = {"labels": y.numpy(), "class_names": np.array(snap.class_names)} if snap.num_classes else {}
+            np.savez(path, images=to_uint8(x), latents=z.numpy(), seeds=np.array(seeds), **extra)
             print(f"nfe={nfe}: {len(seeds)} samples -> {path}")
     if dist.is_main and "png" in formats:
         print(f"{len(seeds)} samples per NFE -> {out}/nfe*/")

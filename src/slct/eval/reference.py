@@ -98,18 +98,40 @@ def list_images(source: str | os.PathLike) -> list[str]:
     return list(open_source(source).names)
 
 
+def resolve_class(class_name: str | int, classes: Sequence[str]) -> int:
+    """A class given by name (first) or id -> its id among ``classes``."""
+    names = [str(c) for c in classes]
+    if not names:
+        raise ValueError("this source has no classes: --class needs class sub-folders (as `slct encode --labels "
+                         "folder`) or a labelled latent dataset")
+    text = str(class_name)
+    if not isinstance(class_name, int) and text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    raise ValueError(f"class {text!r} is not one of this source's {len(names)} classes ({', '.join(names[:20])})")
+
+
 def image_reader(source: str | os.PathLike, limit: int | None = None, resolution: int | None = None,
                  resample: str = "bicubic", holdout: int = 0, split: str = "all",
-                 loader: str = "slct") -> tuple[int, Callable[[Sequence[int]], list[np.ndarray]]]:
+                 loader: str = "slct", class_name: str | int | None = None,
+                 ) -> tuple[int, Callable[[Sequence[int]], list[np.ndarray]]]:
     """(count, read) for a folder or zip: ``read(indices)`` -> the uint8 HWC images at those positions
     of the :func:`list_images` order restricted to ``split`` (as ``slct encode --holdout``), thinned to
     ``limit`` images spread evenly over it (as ``slct encode --limit``: one meaning everywhere). ``loader``:
-    the protocol whose file decoding is used (:func:`load_image`)."""
-    from slct.data.encode import split_indices
+    the protocol whose file decoding is used (:func:`load_image`). ``class_name``: only that class's images
+    (class sub-folders, as ``slct encode --labels folder``), selected before ``limit`` thins them."""
+    from slct.data.encode import select_indices, split_indices
     from slct.data.sources import open_source
 
-    src = open_source(source)
-    positions = split_indices(len(src), holdout, split, limit)
+    if class_name is None:
+        src = open_source(source)
+        positions = split_indices(len(src), holdout, split, limit)
+    else:
+        src = open_source(source, labels="folder")
+        positions = split_indices(len(src), holdout, split)
+        positions = positions[src.labels[positions] == resolve_class(class_name, src.classes)]
+        positions = positions[select_indices(len(positions), limit)]
     count = len(positions)
 
     def read(indices: Sequence[int]) -> list[np.ndarray]:
@@ -132,7 +154,8 @@ def is_latent_dataset(source: str | os.PathLike) -> bool:
 
 
 def iter_latent_batches(source: str | os.PathLike, batch_size: int = 64, limit: int | None = None,
-                        device: str | torch.device = "cpu") -> tuple[int, Any, Iterator[torch.Tensor]]:
+                        device: str | torch.device = "cpu",
+                        class_name: str | int | None = None) -> tuple[int, Any, Iterator[torch.Tensor]]:
     """(count, the LatentDataset, batches of decoded images NCHW in [-1, 1]) of a latent dataset.
 
     The stored latents (before any training normalisation) are decoded with the codec they were
@@ -144,7 +167,11 @@ def iter_latent_batches(source: str | os.PathLike, batch_size: int = 64, limit: 
     codec = dataset.make_codec().to(device)
     from slct.data.encode import select_indices
 
-    positions = select_indices(len(dataset), limit)  # spread evenly, as --limit everywhere
+    positions = np.arange(len(dataset))
+    if class_name is not None:
+        names = dataset.manifest.get("class_names") or [str(i) for i in range(dataset.num_classes)]
+        positions = positions[dataset.labels == resolve_class(class_name, names)]
+    positions = positions[select_indices(len(positions), limit)]  # spread evenly, as --limit everywhere
     count = len(positions)
 
     def batches() -> Iterator[torch.Tensor]:
@@ -184,7 +211,8 @@ def reference_from_images(images: Images | Iterable[Images], extractor: Extracto
 
 def default_reference_path(source: str | os.PathLike, extractor: Extractor, resolution: int | None = None,
                            resample: str = "bicubic", max_features: int | None = DEFAULT_MAX_FEATURES,
-                           limit: int | None = None, holdout: int = 0, split: str = "all") -> Path:
+                           limit: int | None = None, holdout: int = 0, split: str = "all",
+                           class_name: str | int | None = None) -> Path:
     """The cache file for these settings: ``$SLCT_CACHE`` (default ``~/.cache/slct``) ``/refs/...npz``.
 
     Named by source, extractor and resolution, plus a hash of every setting (source path, extractor
@@ -193,7 +221,8 @@ def default_reference_path(source: str | os.PathLike, extractor: Extractor, reso
     where = str(source) if str(source).startswith("builtin:") else str(Path(source).resolve())
     key = json.dumps(dict(source=where, extractor=extractor.spec(), resolution=resolution,
                           resample=resample if resolution else None, max_features=max_features, limit=limit,
-                          **({"holdout": holdout, "split": split} if split != "all" else {})),
+                          **({"holdout": holdout, "split": split} if split != "all" else {}),
+                          **({"class": str(class_name)} if class_name is not None else {})),
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     root = Path(os.environ.get("SLCT_CACHE") or Path.home() / ".cache" / "slct").expanduser()
@@ -209,12 +238,13 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
                       resample: str = "bicubic", batch_size: int = 64,
                       max_features: int | None = DEFAULT_MAX_FEATURES, limit: int | None = None,
                       progress: bool = True, device: str | torch.device = "cpu", holdout: int = 0,
-                      split: str = "all") -> Reference:
+                      split: str = "all", class_name: str | int | None = None) -> Reference:
     """Reference statistics of an image folder / zip or a latent dataset (see the module docstring).
 
     ``resolution``/``resample`` apply to image sources (center crop and resize, as ``slct encode``);
     a latent dataset's images come at the resolution they were encoded at. ``holdout``/``split`` select
     images of a folder / zip as ``slct encode --holdout N --split ...`` does (e.g. the held-out faces).
+    ``class_name``: one class's images only (a name or id), for per-class evaluation of a conditional model.
     """
     from slct import __version__
 
@@ -224,7 +254,8 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
         if split != "all":
             raise ValueError("holdout/split select images of a folder or zip; a latent dataset is used whole "
                              "(encode the held-out split with `slct encode --holdout N --split holdout`)")
-        count, dataset, batches = iter_latent_batches(source, batch_size, limit, device)
+        count, dataset, batches = iter_latent_batches(source, batch_size, limit, device, class_name)
+        classes = dataset.manifest.get("class_names") or [str(i) for i in range(dataset.num_classes)]
         if resolution is not None and resolution != dataset.image_resolution:
             raise ValueError(f"{source} holds {dataset.image_resolution} px images; a latent dataset is decoded at "
                              f"its own resolution, so drop resolution={resolution}")
@@ -232,7 +263,11 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
         source_images = len(dataset)
         where = str(source) if str(source).startswith("builtin:") else str(Path(source).resolve())
     else:
-        count, read = image_reader(source, limit, resolution, resample, holdout, split, loader=extractor.protocol)
+        count, read = image_reader(source, limit, resolution, resample, holdout, split, loader=extractor.protocol,
+                                   class_name=class_name)
+        from slct.data.sources import open_source
+
+        classes = open_source(source, labels="folder").classes if class_name is not None else []
         source_images = len(list_images(source))
         batches = (read(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size))
         kind, codec_spec, where = ("zip" if Path(source).is_file() else "folder"), None, str(Path(source).resolve())
@@ -245,7 +280,9 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
         count=stats.n, features_kept=0 if stats.features is None else len(stats.features),
         extractor=extractor.spec(), resolution=resolution, resample=resample, protocol=extractor.protocol,
         resize=PROTOCOLS[extractor.protocol].policy, limit=limit,
-        holdout=holdout, split=split, source_images=source_images, slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        holdout=holdout, split=split, source_images=source_images,
+        **({} if class_name is None else {"class": classes[resolve_class(class_name, classes)],
+                                          "class_index": resolve_class(class_name, classes)}), slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     return Reference.from_stats(stats, manifest)
 
@@ -268,6 +305,8 @@ def training_overlap(data_source: dict | None, reference_manifest: dict) -> int 
 
     if not data_source or not data_source.get("source") or reference_manifest.get("source_kind") not in ("folder",
                                                                                                        "zip"):
+        return None
+    if reference_manifest.get("class") is not None:  # one class's images: the selection needs the labels too
         return None
     src, sel = data_source["source"], data_source.get("selection") or {}
     n = reference_manifest.get("source_images")
