@@ -15,6 +15,11 @@ import pytest
 # before torch loads OpenMP: spinning idle threads make CPU steps many times slower on 2-core VMs (see slct.cli._quiet_openmp)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# tests import diffusers directly: make a CUDA-only torchvision beside the CPU torch importable first (slct.compat)
+from slct.compat import ensure_torchvision  # noqa: E402
+
+ensure_torchvision()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SLCT_SHARED", REPO.parent / "shared"))
 

@@ -112,15 +112,26 @@ def test_cli_snapshot_evaluation_records_what_reproduces_it(tmp_path, monkeypatc
     calls = []
 
     class FakeSnapshot:
-        def generate(self, seeds, nfe):
+        num_classes = 0
+
+        def labels(self, seeds, spec=None):
+            return None
+
+        def check_guidance(self, guidance):
+            assert guidance == 1
+
+        def generate(self, seeds, nfe, class_labels=None, guidance=1.0):
             calls.append((list(seeds), nfe))
             return _images_for(list(seeds))
 
         def info(self):
             return {"path": str(snapshot_file), "step": 100, "codec": {"name": "identity", "channels": 3}}
 
+    import slct.sampling
+
     fake = types.ModuleType("slct.sampling")
     fake.load_snapshot = lambda path, device=None: FakeSnapshot()
+    fake.describe_labels = slct.sampling.describe_labels
     monkeypatch.setitem(sys.modules, "slct.sampling", fake)
 
     real = _images_for(list(range(1000, 1060)))

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "train": "slct.commands.train",
     "sample": "slct.commands.sample",
     "ema": "slct.commands.ema",
+    "export": "slct.commands.export",
     "eval": "slct.commands.eval",
     "eval-ref": "slct.commands.eval_ref",  # typed `slct eval ref` (see ALIASES)
 }

@@ -18,6 +18,9 @@ POSTERIORS = ("sample", "mean")
 
 
 def _autoencoder_kl():
+    from slct.compat import ensure_torchvision
+
+    ensure_torchvision()  # diffusers imports torchvision lazily; a CUDA-only build of it must not break the import
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:  # optional dependency
@@ -48,6 +51,20 @@ class SDVAECodec(Codec):
             raise FileNotFoundError(
                 f"could not load AutoencoderKL from {self.pretrained!r} ({e}). Pass a local folder holding "
                 "config.json and the weights (pretrained=... / --vae DIR), or make the hub reachable.") from e
+        self._adopt()
+
+    @classmethod
+    def from_vae(cls, vae, variant: str = "sd-vae-ft-ema", posterior: str = "sample",
+                 pretrained: str | None = None) -> "SDVAECodec":
+        """The codec around an ``AutoencoderKL`` already in memory (e.g. an exported diffusers pipeline's)."""
+        codec = cls.__new__(cls)
+        codec.name, codec.posterior, codec.deterministic = variant, posterior, posterior == "mean"
+        codec.pretrained = pretrained or HUB_IDS[variant]
+        codec.vae = vae
+        codec._adopt()
+        return codec
+
+    def _adopt(self) -> None:
         self.vae.eval().requires_grad_(False)
         config = self.vae.config
         self.latent_channels = int(config.latent_channels)
