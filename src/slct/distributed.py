@@ -83,3 +83,25 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_gradients(params) -> None:
+    """All-reduce the gradients of ``params`` to their mean over processes (what DDP does), in one flat buffer.
+
+    Every process calls it with the same parameters, so the collective is never rank-divergent; a parameter without
+    a gradient on this process contributes zeros.
+    """
+    if not is_active():
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n

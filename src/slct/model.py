@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from slct.precond import Precond, PrecondModel
+from slct.precond import wrap_network
 
 
 def network_kwargs(cfg, latent_shape: tuple[int, ...], num_classes: int) -> dict:
@@ -20,6 +20,10 @@ def network_kwargs(cfg, latent_shape: tuple[int, ...], num_classes: int) -> dict
                              f"{tuple(latent_shape)} (needs {key}={wanted})")
         kwargs[key] = wanted
     kwargs["label_dim"] = num_classes
+    from slct.precond import FLOW_KINDS
+
+    if cfg.objective.kind in FLOW_KINDS:  # MeanFlow's interval / Shortcut's step size: a second time input
+        kwargs["second_time"] = True
     from slct.nn import follow_resolution
 
     kwargs = follow_resolution(net.name, height, kwargs)  # attention at the same UNet levels on other latent sizes
@@ -30,7 +34,7 @@ def network_kwargs(cfg, latent_shape: tuple[int, ...], num_classes: int) -> dict
     return kwargs
 
 
-def build_model(cfg, latent_shape: tuple[int, ...], num_classes: int = 0) -> PrecondModel:
+def build_model(cfg, latent_shape: tuple[int, ...], num_classes: int = 0) -> torch.nn.Module:
     """Backbone (noise-schedule agnostic) wrapped by the preconditioner of the objective's kind (REFERENCE [1])."""
     from slct.nn import build_network
 
@@ -42,8 +46,7 @@ def build_model(cfg, latent_shape: tuple[int, ...], num_classes: int = 0) -> Pre
                          "change it with --set network.options.KEY=VALUE (e.g. channel_mult, attn_resolutions) "
                          "or choose another --network") from None
     obj = cfg.objective
-    precond = Precond(sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind)
-    return PrecondModel(backbone, precond)
+    return wrap_network(backbone, obj.kind, obj.sigma_data, obj.sigma_min)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

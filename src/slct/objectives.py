@@ -1,5 +1,6 @@
-"""Training objectives: sLCT's consistency objective and the EDM diffusion baseline
-(REFERENCE.md [2]-[5]; paper section 4).
+"""Training objectives: sLCT's consistency objective, the EDM diffusion baseline (REFERENCE.md [2]-[5]; paper
+section 4), and two newer few-step objectives on the same latents and networks: MeanFlow (Geng et al. 2025) and
+Shortcut models (Frans et al. 2025), written from their papers.
 
 An objective is a stateless callable ``objective(model, x0, step, labels=None, noise=None,
 generator=None) -> LossTerms``; ``model(x, sigma, class_labels=None)`` is the preconditioned
@@ -22,7 +23,7 @@ from slct.coupling import ot_coupling
 from slct.curriculum import (C_SCHEDULES, CALIBRATED, c_schedule, diffusion_loss_mask, num_scales,
                              sample_timestep_indices)
 from slct.losses import LOSSES, REDUCTIONS, robust_loss
-from slct.precond import Precond
+from slct.precond import PRECOND_KINDS, Precond
 from slct.sigmas import ct_weight, karras_sigmas
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "LossTerms",
     "ConsistencyObjective",
     "EDMObjective",
+    "MeanFlowObjective",
+    "ShortcutObjective",
     "OBJECTIVES",
     "COUPLINGS",
     "DIFFUSION_WEIGHTINGS",
@@ -52,6 +55,9 @@ DIFFUSION_WEIGHTINGS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] =
 # which pass the diffusion loss uses: the online one at t_{i+1}, or an extra one at t_i
 DIFFUSION_SIGMAS: tuple[str, ...] = ("hi", "lo")
 
+# how MeanFlow gets du/dt along the path
+MEANFLOW_DERIVATIVES: tuple[str, ...] = ("jvp", "finite-difference")
+
 
 @dataclass
 class ObjectiveConfig:
@@ -59,7 +65,7 @@ class ObjectiveConfig:
     section). Defaults: the sLCT recipe; where paper and released code differ the default follows
     the code, except ``c_schedule`` (paper eq. 11). docs/method.md tabulates the variants."""
 
-    kind: str = "consistency"  # objective: "consistency" (sLCT / iCT) | "edm" (diffusion baseline)
+    kind: str = "consistency"  # "consistency" (sLCT / iCT) | "edm" (diffusion baseline) | "meanflow" | "shortcut"
     sigma_min: float = 0.002  # smallest noise level, the boundary f(x, sigma_min) = x [1]
     sigma_max: float = 80.0  # largest noise level [1]
     sigma_data: float = 0.5  # data std assumed by the preconditioning [1]
@@ -82,6 +88,16 @@ class ObjectiveConfig:
     coupling: str = "ot"  # "ot": minibatch OT re-pairing of data and noise | "none" [5]
     edm_p_mean: float = -1.2  # kind "edm": EDM's training distribution, mean of ln sigma
     edm_p_std: float = 1.2  # kind "edm": ... and its std
+    # kinds "meanflow" / "shortcut" (flow path x_t = (1 - t) x0 + t e, t = 1 noise; slct.precond.FlowModel)
+    flow_t_mean: float = -0.4  # meanflow: logit-normal time sampler, mean of logit t (MeanFlow's ImageNet best)
+    flow_t_std: float = 1.0  # ... and its std
+    meanflow_r_fraction: float = 0.25  # meanflow: share of samples with r != t (the rest: r = t, flow matching)
+    meanflow_p: float = 1.0  # meanflow: adaptive loss weight 1 / (||err||^2 + c)^p (p = 0: plain squared error)
+    meanflow_c: float = 1e-3  # ... and its c
+    meanflow_derivative: str = "jvp"  # "jvp": forward-mode torch.func.jvp | "finite-difference" (central, 2 passes)
+    meanflow_fd_eps: float = 1e-3  # step of the finite difference along (dz, dt) = (v, 1)
+    shortcut_max_steps: int = 128  # shortcut: M, the finest step 1/M (a power of 2); d in {1/M, ..., 1}
+    shortcut_bootstrap: float = 0.25  # shortcut: share of the batch given self-consistency targets (the paper: 1/4)
 
     def validate(self) -> ObjectiveConfig:
         """Raise ValueError naming the first invalid field and its allowed values; return self."""
@@ -100,8 +116,19 @@ class ObjectiveConfig:
             raise ValueError(f"sigma_max must be > sigma_min ({self.sigma_min}), got {self.sigma_max}")
         for name in ("sigma_data", "rho", "p_std", "diffusion_weight", "edm_p_std"):
             _positive(name, getattr(self, name), allow_zero=name == "diffusion_weight")
-        for name in ("p_mean", "edm_p_mean"):
+        for name in ("p_mean", "edm_p_mean", "flow_t_mean"):
             _finite(name, getattr(self, name))
+        for name in ("flow_t_std", "meanflow_c", "meanflow_fd_eps"):
+            _positive(name, getattr(self, name))
+        _positive("meanflow_p", self.meanflow_p, allow_zero=True)
+        for name in ("meanflow_r_fraction", "shortcut_bootstrap"):
+            _finite(name, getattr(self, name))
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        _choice("meanflow_derivative", self.meanflow_derivative, MEANFLOW_DERIVATIVES)
+        m = self.shortcut_max_steps
+        if isinstance(m, bool) or not isinstance(m, int) or m < 2 or m & (m - 1):
+            raise ValueError(f"shortcut_max_steps must be a power of 2 >= 2, got {m!r}")
         for name, minimum in (("s0", 1), ("s1", self.s0), ("min_stage_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -229,7 +256,8 @@ class _Objective:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
         self.cfg = dataclasses.replace(cfg).validate()  # private copy: the caller's config is never touched
         self.total_steps = total_steps
-        self.precond = Precond(self.cfg.sigma_data, self.cfg.sigma_min, kind=self.precond_kind)
+        self.precond = Precond(self.cfg.sigma_data, self.cfg.sigma_min, kind=self.precond_kind) \
+            if self.precond_kind in PRECOND_KINDS else None  # flow objectives: slct.precond.FlowModel
 
     def __call__(
         self,
@@ -375,11 +403,191 @@ class EDMObjective(_Objective):
         return LossTerms(torch.zeros_like(total), total, total, stats, sigma_cpu)
 
 
+def flow_equivalent_sigma(t: torch.Tensor) -> torch.Tensor:
+    """The VE noise level of flow time t: x_t / (1 - t) = x0 + t / (1 - t) e (for the per-noise-band logging)."""
+    return t / (1 - t).clamp_min(0)
+
+
+def logit_normal(shape, mean: float, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """t = sigmoid(N(mean, std^2)), float64 on the CPU (MeanFlow's time sampler)."""
+    return torch.sigmoid(_randn(shape, generator, torch.device("cpu")).double() * std + mean)
+
+
+def _rand(shape, generator: torch.Generator | None) -> torch.Tensor:
+    """U[0, 1) float64 on the CPU from ``generator`` (or the global CPU RNG)."""
+    if generator is None:
+        return torch.rand(shape, dtype=torch.float64)
+    return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).cpu()
+
+
+def meanflow_times(batch: int, cfg: ObjectiveConfig, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, r), t >= r: two logit-normal draws sorted; a fraction 1 - meanflow_r_fraction gets r = t (MeanFlow 4.3)."""
+    a = logit_normal((batch,), cfg.flow_t_mean, cfg.flow_t_std, generator)
+    b = logit_normal((batch,), cfg.flow_t_mean, cfg.flow_t_std, generator)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    keep = _rand((batch,), generator) < cfg.meanflow_r_fraction
+    return t, torch.where(keep, r, t)
+
+
+class MeanFlowObjective(_Objective):
+    """MeanFlow (Geng et al. 2025): train the average velocity u(z, r, t) = 1/(t - r) int_r^t v(z_s, s) ds from the
+    MeanFlow identity u = v - (t - r) du/dt (their eq. 6), du/dt the total derivative along the path.
+
+    Per sample: (t, r) from :func:`meanflow_times`, ``z = (1 - t) x0 + t e``, ``v = e - x0``; with ``h = t - r`` the
+    model is ``u(z, t, h)`` (:class:`slct.precond.FlowModel`) and du/dt = J_u (v, 1, 1) over (z, t, h) (dr/dt = 0,
+    so dh/dt = 1): one forward-mode JVP (``torch.func.jvp``, whose primal output keeps its autograd graph), or a
+    central finite difference. Target ``u_tgt = sg(v - h du/dt)``; loss ``sg(w) ||u - u_tgt||^2`` with the adaptive
+    weight ``w = 1 / (||u - u_tgt||^2 + c)^p`` (their eq. 9 with p = 1, c = 1e-3; ||.||^2 sums over elements).
+    Samples with r = t are flow matching (target v): reported as ``diffusion``, the others as ``consistency``.
+
+    Under DDP the JVP must run on the unwrapped module (PyTorch's DDP does not support forward-mode AD): the
+    training loop passes it and all-reduces the gradients itself (``sync_gradients_manually``).
+    RNG draws per call, in order: noise (unless given), times (unless given as ``indices``: (B, 2) float64 rows
+    (t, r), as the batch pipeline pre-draws them for the global batch), one dropout seed (unless given).
+    """
+
+    precond_kind = "flow"
+    sync_gradients_manually = True
+
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+        cfg = self.cfg
+        device, batch = x0.device, x0.shape[0]
+        draws = meanflow_draws(batch, cfg, generator) if indices is None else _check_draws(indices, batch, 2)
+        t_cpu, r_cpu = draws[:, 0], draws[:, 1]
+        t, h = t_cpu.to(device, x0.dtype), (t_cpu - r_cpu).to(device, x0.dtype)
+        zt = (1 - _per_sample(t, x0)) * x0 + _per_sample(t, x0) * z  # MeanFlow eq. 1
+        v = z - x0
+
+        def u_fn(zz, tt, hh):
+            return model(zz, tt, labels, hh)
+
+        seed = _draw_seed(generator) if dropout_seed is None else _check_seed(dropout_seed)
+        ones = torch.ones_like(t)
+        with _seeded_rng(seed, device):
+            if cfg.meanflow_derivative == "jvp":
+                u, dudt = torch.func.jvp(u_fn, (zt, t, h), (v, ones, ones))  # total derivative along (v, 1, 1)
+            else:
+                u = u_fn(zt, t, h)
+        if cfg.meanflow_derivative == "finite-difference":
+            eps = cfg.meanflow_fd_eps
+            with torch.no_grad(), _seeded_rng(seed, device):
+                ahead = u_fn(zt + eps * v, t + eps, h + eps)
+            with torch.no_grad(), _seeded_rng(seed, device):
+                behind = u_fn(zt - eps * v, t - eps, h - eps)
+            dudt = (ahead - behind) / (2 * eps)
+        u = u.to(x0.dtype)
+        target = (v - _per_sample(h, x0) * dudt.to(x0.dtype)).detach()  # MeanFlow eq. 6, stop-gradient
+        sq = (u - target).pow(2).flatten(1).sum(1)  # ||u - u_tgt||^2 per sample
+        weight = 1 / (sq.detach() + cfg.meanflow_c) ** cfg.meanflow_p  # adaptive weight, sg
+        total = weight * sq
+        instantaneous = (t_cpu == r_cpu).to(device)
+        stats = {"mean_sigma": float(t_cpu.mean()), "mean_weight": float(weight.detach().mean()),
+                 "diffusion_fraction": float((t_cpu == r_cpu).double().mean()), "mean_interval": float((t_cpu - r_cpu).mean())}
+        zero = torch.zeros_like(total)
+        return LossTerms(torch.where(instantaneous, zero, total), torch.where(instantaneous, total, zero), total,
+                         stats, flow_equivalent_sigma(t_cpu))
+
+
+def shortcut_draws(batch: int, cfg: ObjectiveConfig, generator) -> torch.Tensor:
+    """(B, 2) float64 rows (t, d) for a Shortcut batch, on the CPU.
+
+    The first ``round(batch * shortcut_bootstrap)`` rows are self-consistency ones: step sizes d = 2^-k spread
+    evenly over k in {0, ..., log2 M - 1} and t on d's grid {d, 2d, ..., 1}; the rest are flow matching with
+    t on the 1/M grid {1/M, ..., 1} and d = 1/M, the finest step standing for d -> 0 (as the authors' code does,
+    so every self-consistency chain ends on a level that flow matching trains). A row is a self-consistency one
+    exactly when d > 1/M.
+    """
+    m = cfg.shortcut_max_steps
+    levels = int(math.log2(m))
+    n_boot = int(round(batch * cfg.shortcut_bootstrap))
+    k = torch.arange(n_boot) * levels // max(n_boot, 1)  # even coverage of the levels, coarsest first
+    d_boot = 0.5 ** k.double()
+    sections = (1 / d_boot).round().long()
+    t_boot = (torch.floor(_rand((n_boot,), generator) * sections) + 1) / sections  # {d, 2d, ..., 1}
+    n_flow = batch - n_boot
+    t_flow = (torch.floor(_rand((n_flow,), generator) * m) + 1) / m  # {1/M, ..., 1}
+    d = torch.cat([d_boot, torch.full((n_flow,), 1 / m, dtype=torch.float64)])
+    return torch.stack([torch.cat([t_boot, t_flow]), d], dim=1)
+
+
+def meanflow_draws(batch: int, cfg: ObjectiveConfig, generator) -> torch.Tensor:
+    """(B, 2) float64 rows (t, r) (:func:`meanflow_times`)."""
+    return torch.stack(meanflow_times(batch, cfg, generator), dim=1)
+
+
+def _check_draws(draws, batch: int, columns: int) -> torch.Tensor:
+    if not isinstance(draws, torch.Tensor) or not draws.is_floating_point() or draws.shape != (batch, columns):
+        raise ValueError(f"pre-drawn times must be a float tensor of shape ({batch}, {columns}), got "
+                         f"{getattr(draws, 'shape', draws)!r}")
+    return draws.to("cpu", torch.float64)
+
+
+class ShortcutObjective(_Objective):
+    """Shortcut models (Frans et al. 2025): one network u(x_t, t, d) that steps from t to t - d, trained with flow
+    matching at the finest step and self-consistency across step sizes (their eq. 5):
+    ``u(x_t, t, 2d) = (u(x_t, t, d) + u(x_t - d u(x_t, t, d), t - d, d)) / 2``, the right side under no_grad.
+
+    Draws: :func:`shortcut_draws` (or pre-drawn (t, d) rows as ``indices``); ``x_t = (1 - t) x0 + t e``. Flow-matching rows regress ``v = e - x0``; bootstrap
+    rows (step d, target from two d/2 steps of the same online model, no gradient) regress the average of the two.
+    Per-sample loss: mean squared error over elements; flow matching is reported as ``diffusion``, bootstrap as
+    ``consistency``. RNG draws per call: noise (unless given), times, one dropout seed (unless given).
+    """
+
+    precond_kind = "flow"
+
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+        cfg = self.cfg
+        device, batch = x0.device, x0.shape[0]
+        draws = shortcut_draws(batch, cfg, generator) if indices is None else _check_draws(indices, batch, 2)
+        t_cpu, d_cpu = draws[:, 0], draws[:, 1]
+        boot_cpu = d_cpu > 1.5 / cfg.shortcut_max_steps  # self-consistency rows (flow matching: d = 1/M)
+        t, d = t_cpu.to(device, x0.dtype), d_cpu.to(device, x0.dtype)
+        xt = (1 - _per_sample(t, x0)) * x0 + _per_sample(t, x0) * z
+        target = z - x0  # flow matching: the velocity
+        seed = _draw_seed(generator) if dropout_seed is None else _check_seed(dropout_seed)
+        rows = boot_cpu.nonzero().squeeze(1).to(device)
+        if len(rows):
+            lab = labels[rows.to(labels.device)] if labels is not None else None
+            half = d[rows] / 2
+            with torch.no_grad(), _seeded_rng(seed + 1, device):
+                u1 = model(xt[rows], t[rows], lab, half).to(x0.dtype)
+                x_mid = xt[rows] - _per_sample(half, u1) * u1
+                u2 = model(x_mid, t[rows] - half, lab, half).to(x0.dtype)
+            target = target.index_put((rows,), ((u1 + u2) / 2).detach())  # Shortcut eq. 5, no gradient
+        with _seeded_rng(seed, device):
+            pred = model(xt, t, labels, d).to(x0.dtype)
+        total = robust_loss("l2", pred, target, reduction="mean")
+        boot = boot_cpu.to(device)
+        zero = torch.zeros_like(total)
+        n_boot = int(boot_cpu.sum())
+        stats = {"mean_sigma": float(t_cpu.mean()), "diffusion_fraction": (batch - n_boot) / batch,
+                 "mean_step": float(d_cpu[boot_cpu].mean()) if n_boot else 0.0}
+        return LossTerms(torch.where(boot, total, zero), torch.where(boot, zero, total), total, stats,
+                         flow_equivalent_sigma(t_cpu))
+
+
+def draw_times(cfg: ObjectiveConfig, step: int, total_steps: int, batch: int, generator) -> torch.Tensor | None:
+    """Per-sample times for a batch, drawn as the objective of ``cfg.kind`` would (the batch pipeline pre-draws them
+    for the global batch so that any number of processes trains on the same draws): consistency: lower grid indices
+    (B,); meanflow: (t, r) rows; shortcut: (t, d) rows; edm: None (it draws its sigmas itself)."""
+    if cfg.kind == "consistency":
+        n = num_scales(step, total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
+        return sample_timestep_indices(n, batch, cfg.p_mean, cfg.p_std, generator=generator,
+                                       sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+    draw = TIME_DRAWS.get(cfg.kind)
+    return None if draw is None else draw(batch, cfg, generator)
+
+
+# kind -> (batch, cfg, generator) -> pre-drawn per-sample times, for the kinds that take them as ``indices``
+TIME_DRAWS: dict[str, Callable] = {"meanflow": meanflow_draws, "shortcut": shortcut_draws}
+
+
 # cfg.kind -> objective class
-OBJECTIVES: dict[str, type] = {"consistency": ConsistencyObjective, "edm": EDMObjective}
+OBJECTIVES: dict[str, type] = {"consistency": ConsistencyObjective, "edm": EDMObjective,
+                               "meanflow": MeanFlowObjective, "shortcut": ShortcutObjective}
 
 
 def build_objective(cfg: ObjectiveConfig, total_steps: int):
-    """The objective for ``cfg.kind`` ("consistency" | "edm")."""
+    """The objective for ``cfg.kind`` (a key of :data:`OBJECTIVES`)."""
     _choice("kind", cfg.kind, OBJECTIVES)
     return OBJECTIVES[cfg.kind](cfg, total_steps)

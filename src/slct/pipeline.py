@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from slct.coupling import ot_coupling
-from slct.curriculum import num_scales, sample_timestep_indices
+from slct.objectives import draw_times
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -32,7 +32,7 @@ class Batch:
     x0: torch.Tensor  # this process's normalised latents (B_local, C, H, W)
     noise: torch.Tensor  # unit Gaussian noise, already coupled to x0 when coupling is "ot"
     labels: torch.Tensor | None
-    indices: torch.Tensor | None  # lower timestep index i of each pair (consistency objective)
+    indices: torch.Tensor | None  # per-sample times: consistency lower indices (B,), flow (t, r) / (t, d) rows
     dropout_seed: int
     ot_seconds: float = 0.0
 
@@ -67,11 +67,7 @@ def make_batch(dataset, global_indices: np.ndarray, step: int, cfg, rank: int, w
     # draws in a fixed order and always for the whole global batch, whatever the options
     flips = torch.rand(batch, generator=g) < 0.5
     noise = torch.randn((batch, *latent_shape), generator=g)
-    indices = None
-    if obj.kind == "consistency":
-        n = num_scales(step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
-        indices = sample_timestep_indices(n, batch, obj.p_mean, obj.p_std, generator=g, sigma_min=obj.sigma_min,
-                                          sigma_max=obj.sigma_max, rho=obj.rho)
+    indices = draw_times(obj, step, cfg.train.total_steps, batch, g)  # consistency indices, flow times, or None
     dropout_seed = int(torch.randint(0, 2**62, (1,), generator=g))
     if cfg.data.hflip:
         f = flips if global_ot else flips[lo:hi]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["PRECOND_KINDS", "Precond", "PrecondModel"]
+__all__ = ["FLOW_KINDS", "FlowModel", "PRECOND_KINDS", "Precond", "PrecondModel", "wrap_network"]
 
 Sigma = torch.Tensor | float
 
@@ -108,3 +108,46 @@ class PrecondModel(torch.nn.Module):
         p = self.precond
         out = self.net(p.c_in(s) * x, p.c_noise(sigma), class_labels)
         return p.c_skip(s) * x + p.c_out(s) * out.to(dtype)
+
+
+# objectives trained in the flow parameterisation (MeanFlow, Shortcut): the network predicts an average velocity
+FLOW_KINDS: tuple[str, ...] = ("meanflow", "shortcut")
+
+
+class FlowModel(torch.nn.Module):
+    """``u(x, t, h) = net(x, time_scale t, class_labels, time_scale h)``: the average velocity over [t - h, t].
+
+    The flow path is ``x_t = (1 - t) x_0 + t e`` (t = 1: noise, t = 0: data), whose velocity is ``v = e - x_0``;
+    a step of size h goes from t to t - h as ``x_{t-h} = x_t - h u(x_t, t, h)``. MeanFlow's u(z, r, t) is
+    ``u(z, t, t - r)`` here; a shortcut model's s(x_t, t, d) is ``u(x_t, t, d)``; h = 0 is the instantaneous
+    velocity. Times are scaled by ``time_scale`` (1000, as DiT/SiT feed t) before the network's embedding; the
+    network needs ``second_time=True``. There is no skip connection: the output is the velocity itself.
+    """
+
+    def __init__(self, net: torch.nn.Module, time_scale: float = 1000.0):
+        super().__init__()
+        self.net = net
+        self.time_scale = float(time_scale)
+
+    def forward(self, x: torch.Tensor, t: Sigma, class_labels: torch.Tensor | None = None,
+                h: Sigma | None = None) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
+        batch = x.shape[0]
+
+        def per_sample(v, name):
+            v = torch.as_tensor(v, device=x.device).to(dtype).reshape(-1)
+            if v.numel() not in (1, batch):
+                raise ValueError(f"{name} must be a scalar or have B={batch} elements, got {v.numel()}")
+            return v.expand(batch)
+
+        t = per_sample(t, "t")
+        h = torch.zeros_like(t) if h is None else per_sample(h, "h")
+        return self.net(x, self.time_scale * t, class_labels, self.time_scale * h).to(dtype)
+
+
+def wrap_network(net: torch.nn.Module, kind: str, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """The backbone inside the parameterisation its objective trains (a registry of kinds, not a chain of ifs)."""
+    if kind in FLOW_KINDS:
+        return FlowModel(net)
+    return PrecondModel(net, Precond(sigma_data=sigma_data, sigma_min=sigma_min, kind=kind))

@@ -3,6 +3,7 @@
 - Consistency sampling (REFERENCE [9]): 1 step x = f(sigma_max z, sigma_max); each further step re-noises to the next
   sigma (x + sqrt(sigma^2 - sigma_min^2) z') and applies f again.
 - EDM's deterministic Heun / Euler solver for the ``ldm`` diffusion baseline.
+- Flow few-step sampling (MeanFlow, Shortcut): k equal steps from t = 1 to 0, ``x <- x - (1/k) u(x, t, 1/k)``.
 - Per-sample seeds: sample i's noise comes from its own generator seeded with ``seeds[i]``, so a sample is the same
   whatever the batch size or the number of processes.
 - Class labels of a conditional model are a pure function of each sample's seed too (:func:`labels_for_seeds`).
@@ -22,6 +23,7 @@ import torch
 
 from slct import __version__, checkpoint
 from slct.checkpoint import SNAPSHOT_FORMAT
+from slct.precond import FLOW_KINDS
 from slct.sigmas import karras_sigmas
 
 
@@ -189,6 +191,21 @@ def check_guidance(guidance: float, objective_kind: str, num_classes: int, label
                          "e.g. 0.1): this one never saw the null label, so its unconditional output is undefined")
 
 
+@torch.no_grad()
+def flow_sample(model, noise: torch.Tensor, nfe: int, class_labels=None) -> torch.Tensor:
+    """k = ``nfe`` equal steps of an average-velocity model u(x, t, h) (slct.precond.FlowModel) from noise (t = 1)
+    to data (t = 0): ``x_{t - 1/k} = x_t - (1/k) u(x_t, t, 1/k)``. One step is MeanFlow's ``x = e - u(e, 1, 1)``
+    (their eq. 12); for a shortcut model each step is a jump of size d = 1/k."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    x, h = noise, 1.0 / nfe
+    for k in range(nfe):
+        t = 1.0 - k * h
+        full = dict(size=(x.shape[0],), device=x.device, dtype=x.dtype)
+        x = x - h * model(x, torch.full(fill_value=t, **full), class_labels, torch.full(fill_value=h, **full))
+    return x
+
+
 def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, objective_cfg, sampling_cfg,
                    class_labels=None, device=None, guidance: float = 1.0) -> torch.Tensor:
     """Normalised latents for ``seeds`` with ``nfe`` steps of the sampler that fits the objective's kind.
@@ -200,6 +217,9 @@ def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, object
         class_labels = class_labels.to(device)
     if guidance != 1:
         model = Guided(model, guidance)
+    if objective_cfg.kind in FLOW_KINDS:
+        (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
+        return flow_sample(model, z, nfe, class_labels)
     if objective_cfg.kind == "edm":
         (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
         steps = nfe if sampling_cfg.ldm_solver == "euler" else (nfe + 1) // 2
@@ -212,7 +232,10 @@ def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, object
 
 
 def default_nfe(objective_cfg, sampling_cfg) -> list[int]:
-    """The step counts worth reporting: 1 and 2 for consistency models, the solver's NFE for ldm."""
+    """The step counts worth reporting: 1 and 2 for consistency models and MeanFlow, 1, 2 and 4 for shortcut models,
+    the solver's NFE for ldm."""
+    if objective_cfg.kind == "shortcut":
+        return [1, 2, 4]
     if objective_cfg.kind == "edm":
         return [2 * sampling_cfg.ldm_steps - 1 if sampling_cfg.ldm_solver == "heun" else sampling_cfg.ldm_steps]
     return [1, 2]
@@ -337,7 +360,7 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
     from slct.config import config_from_dict
     from slct.data import Normalizer
     from slct.nn import build_network
-    from slct.precond import Precond, PrecondModel
+    from slct.precond import wrap_network
 
     path = find_snapshot(path)
     payload = checkpoint.load(path, expect=(SNAPSHOT_FORMAT, checkpoint.CHECKPOINT_FORMAT))  # never runs its code
@@ -352,7 +375,7 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
     name = resolve_ema_name(ema, list(weights), default)
     net = build_network(cfg.network.name, **payload["network_kwargs"])
     obj = cfg.objective
-    model = PrecondModel(net, Precond(sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind))
+    model = wrap_network(net, obj.kind, obj.sigma_data, obj.sigma_min)
     model.load_state_dict(weights[name])
     device = torch.device(device)
     model.to(device).eval()

@@ -268,7 +268,10 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     train_model = model
     if cfg.train.compile:
         train_model = torch.compile(model)
-    if dist.world_size > 1:
+    # forward-mode AD (MeanFlow's JVP) does not go through DDP: such objectives get the plain module and the
+    # gradients are averaged over processes by hand after the last micro-batch (same result as DDP's all-reduce)
+    manual_sync = dist.world_size > 1 and getattr(objective, "sync_gradients_manually", False)
+    if dist.world_size > 1 and not manual_sync:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
@@ -292,7 +295,7 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                 optimizer.zero_grad(set_to_none=True)
                 micro = batch.split(cfg.optim.accumulate)
                 for j, mb in enumerate(micro):
-                    sync = j == len(micro) - 1 or dist.world_size == 1
+                    sync = j == len(micro) - 1 or dist.world_size == 1 or manual_sync
                     with (contextlib.nullcontext() if sync else train_model.no_sync()):
                         with autocast:
                             terms = objective(train_model, mb.x0, state.step, labels=mb.labels, noise=mb.noise,
@@ -302,6 +305,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                             loss = loss_hook(state.step, loss)
                         (loss / len(micro)).backward()
                     logger.accumulate(terms, loss, batch.ot_seconds / len(micro))
+                if manual_sync:
+                    distributed.average_gradients(params)
                 loss_value, grad_norm = torch.stack([loss.detach().double().cpu(),
                                                      _grad_norm(params).cpu()]).tolist()  # one sync
                 finite = math.isfinite(loss_value) and math.isfinite(grad_norm)

@@ -15,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides --minutes)")
     p.add_argument("--minutes", type=float, default=3.0, help="training budget; the step count is calibrated to it")
+    p.add_argument("--preset", default="slct", help="method preset to train: slct (default), or e.g. ilct, meanflow, shortcut (1- and 2-step samples are scored)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -22,19 +23,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eval", type=int, default=1000, help="samples scored against the data")
 
 
-def demo_config(steps: int, seed: int, device: str, sets=()):
+def demo_config(steps: int, seed: int, device: str, sets=(), preset: str = "slct"):
     from slct.config import load_config
 
-    return load_config("slct", "digits", sets=list(sets),
+    return load_config(preset, "digits", sets=list(sets),
                        overrides={"train": {"total_steps": steps, "seed": seed, "device": device}})
 
 
-def calibrate_steps(minutes: float, seed: int, device: str, sets=()) -> tuple[int, float]:
+def calibrate_steps(minutes: float, seed: int, device: str, sets=(), preset: str = "slct") -> tuple[int, float]:
     """Steps that fit in ``minutes``, from timing a few real training steps of the same config."""
     from slct.training import train
 
     probe_steps = 12
-    cfg = demo_config(10_000, seed, device, sets)
+    cfg = demo_config(10_000, seed, device, sets, preset)
     cfg.logging.log_every_steps = probe_steps // 2
     cfg.logging.sample_every_steps = 0
     cfg.checkpoint.every_steps = 10_000
@@ -58,11 +59,11 @@ def run(args) -> int:
         steps = saved
         print(f"demo: continuing the {steps}-step run in {out} (--out elsewhere starts a new one)")
     elif args.steps is None:
-        steps, sec = calibrate_steps(args.minutes, args.seed, args.device, args.sets)
+        steps, sec = calibrate_steps(args.minutes, args.seed, args.device, args.sets, args.preset)
         print(f"demo: {sec * 1000:.0f} ms per step here -> {steps} steps for ~{args.minutes:g} minutes")
     else:
         steps = args.steps
-    cfg = demo_config(steps, args.seed, args.device, args.sets)
+    cfg = demo_config(steps, args.seed, args.device, args.sets, args.preset)
     result = train(cfg, out, resume="auto")
     if not result.finished:
         return 130

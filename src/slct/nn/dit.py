@@ -113,13 +113,14 @@ class DiT(nn.Module):
         block_norm: norm name for the two pre-norms of every block (see ``TokenNorm``).
         out_norm: norm name for the final pre-norm.
         noise_embedding, fourier_scale: as for the UNet; the embedding is 256 wide, as in DiT.
+        second_time: a second time input (MeanFlow's t - r, Shortcut's d), as for the UNet; off by default.
     """
 
     def __init__(self, *, in_channels: int = 4, resolution: int = 32, label_dim: int = 0,
                  label_dropout: float = 0.0, patch_size: int = 2, hidden_size: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  block_norm: str = "layer", out_norm: str = "layer", noise_embedding: str = "positional",
-                 fourier_scale: float = 0.02):
+                 fourier_scale: float = 0.02, second_time: bool = False):
         super().__init__()
         if resolution % patch_size:
             raise ValueError(f"resolution ({resolution}) must be divisible by patch_size ({patch_size})")
@@ -137,6 +138,10 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_position_embedding(hidden_size, grid)[None], persistent=False)
         self.map_noise = build_noise_embedding(noise_embedding, NOISE_CHANNELS, fourier_scale)
         self.map_layer0 = linear(NOISE_CHANNELS, hidden_size)
+        self.second_time = bool(second_time)
+        if self.second_time:
+            self.map_noise2 = build_noise_embedding(noise_embedding, NOISE_CHANNELS, fourier_scale)
+            self.map_layer0_2 = linear(NOISE_CHANNELS, hidden_size, bias=False)
         self.map_layer1 = linear(hidden_size, hidden_size)
         # a one-hot -> D linear map is DiT's embedding table; the dropped ("null") label embeds to 0, as in EDM
         self.map_label = linear(label_dim, hidden_size, bias=False) if label_dim else None
@@ -158,17 +163,23 @@ class DiT(nn.Module):
         for layer in (self.map_layer0, self.map_layer1):
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
+        if self.second_time:
+            nn.init.normal_(self.map_layer0_2.weight, std=0.02)
         if self.map_label is not None:
             nn.init.normal_(self.map_label.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), noise_labels (B,) (c_noise), class_labels None | (B,) int | (B, label_dim) -> (B, C, H, W).
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                noise_labels2: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), noise_labels (B,) (c_noise), class_labels None | (B,) int | (B, label_dim),
+        noise_labels2 (B,) (only with ``second_time``) -> (B, C, H, W).
 
         The result has x's dtype (float32 under autocast, whatever the compute dtype).
         """
-        check_backbone_input(x, self.in_channels, self.resolution, noise_labels)
-        c = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels.reshape(-1)))))
+        check_backbone_input(x, self.in_channels, self.resolution, noise_labels, noise_labels2, self.second_time)
+        c = self.map_layer0(self.map_noise(noise_labels.reshape(-1)))
+        if self.second_time:
+            c = c + self.map_layer0_2(self.map_noise2(noise_labels2.reshape(-1)))
+        c = self.map_layer1(F.silu(c))
         labels = label_features(class_labels, self.label_dim, x.shape[0], self.label_dropout,
                                 self.training, x.device)
         if labels is not None:

@@ -88,10 +88,12 @@ class PositionalEmbedding(nn.Module):
         self.max_positions = max_positions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # frequencies built here in float32, not stored: casting the module to bf16 cannot coarsen them
+        # frequencies built here in float32 (float64 for float64 input), not stored: casting the module to bf16
+        # cannot coarsen them
         half = self.num_channels // 2
-        freqs = self.max_positions ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
-        angles = x.float()[:, None] * freqs[None, :]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        freqs = self.max_positions ** (-torch.arange(half, dtype=dtype, device=x.device) / half)
+        angles = x.to(dtype)[:, None] * freqs[None, :]
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
     def extra_repr(self) -> str:
@@ -113,7 +115,8 @@ class FourierEmbedding(nn.Module):
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        angles = x.float()[:, None] * (2 * math.pi * self.freqs.float())[None, :]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        angles = x.to(dtype)[:, None] * (2 * math.pi * self.freqs.to(dtype))[None, :]
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
     def extra_repr(self) -> str:
@@ -209,9 +212,17 @@ class TokenAttention(nn.Module):
         return self.proj(a.transpose(1, 2).reshape(b, n, d))
 
 
-def check_backbone_input(x: torch.Tensor, channels: int, resolution: int, noise_labels: torch.Tensor) -> None:
-    """Shape check shared by the backbones: x (B, channels, resolution, resolution), noise_labels with B entries."""
+def check_backbone_input(x: torch.Tensor, channels: int, resolution: int, noise_labels: torch.Tensor,
+                         noise_labels2: torch.Tensor | None = None, second_time: bool = False) -> None:
+    """Shape check shared by the backbones: x (B, channels, resolution, resolution), noise_labels with B entries,
+    and a second time input exactly when the network was built with one."""
     if x.ndim != 4 or tuple(x.shape[1:]) != (channels, resolution, resolution):
         raise ValueError(f"x must have shape (B, {channels}, {resolution}, {resolution}), got {tuple(x.shape)}")
     if noise_labels.numel() != x.shape[0]:
         raise ValueError(f"noise_labels must have shape ({x.shape[0]},), got {tuple(noise_labels.shape)}")
+    if second_time and noise_labels2 is None:
+        raise ValueError("this network takes a second time input (second_time=True): pass noise_labels2")
+    if not second_time and noise_labels2 is not None:
+        raise ValueError("noise_labels2 given to a network built without a second time input (second_time=False)")
+    if noise_labels2 is not None and noise_labels2.numel() != x.shape[0]:
+        raise ValueError(f"noise_labels2 must have shape ({x.shape[0]},), got {tuple(noise_labels2.shape)}")

@@ -39,6 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """The dtype statistics are computed in: float32 for float32 / bf16 / fp16 input, float64 for float64 (tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
 __all__ = [
     "NORMS",
     "GroupNorm",
@@ -85,10 +90,10 @@ class _GroupwiseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
-            y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+            y = F.group_norm(x.to(_acc(x)), self.num_groups, self.weight.to(_acc(x)), self.bias.to(_acc(x)), self.eps)
         else:  # shift added separately: group_norm(weight=None, bias=b) fails in backward (torch 2.13 CPU)
-            y = F.group_norm(x.float(), self.num_groups, None, None, self.eps)
-            y = y + self.bias.float().reshape(-1, *([1] * (y.ndim - 2)))
+            y = F.group_norm(x.to(_acc(x)), self.num_groups, None, None, self.eps)
+            y = y + self.bias.to(_acc(x)).reshape(-1, *([1] * (y.ndim - 2)))
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -157,8 +162,8 @@ class ElementwiseLayerNorm(nn.Module):
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"{type(self).__name__} was built for (B, {', '.join(map(str, self.shape))}), got "
                              f"{tuple(x.shape)}")
-        weight = None if self.weight is None else self.weight.float()
-        y = F.layer_norm(x.float(), self.shape, weight, None, self.eps) + self.bias.float()
+        weight = None if self.weight is None else self.weight.to(_acc(x))
+        y = F.layer_norm(x.to(_acc(x)), self.shape, weight, None, self.eps) + self.bias.to(_acc(x))
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -184,9 +189,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
+        y = x.to(_acc(x))
         y = y * torch.rsqrt(y.square().mean(dim=tuple(range(1, y.ndim)), keepdim=True) + self.eps)
-        y = y * self.weight.float().reshape(-1, *([1] * (y.ndim - 2)))
+        y = y * self.weight.to(_acc(x)).reshape(-1, *([1] * (y.ndim - 2)))
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -83,6 +83,9 @@ class DhariwalUNet(nn.Module):
         out_norm: norm name for the output norm.
         noise_embedding: "positional" (sinusoidal on c_noise, default) or "fourier".
         fourier_scale: standard deviation of the Fourier frequencies (iCT: 0.02).
+        second_time: a second time input (MeanFlow's interval t - r, Shortcut's step size d), embedded like the
+            first through its own first layer and added before the conditioning MLP's nonlinearity; off by
+            default (no extra parameters).
     """
 
     def __init__(self, *, in_channels: int = 4, resolution: int = 32, label_dim: int = 0,
@@ -91,7 +94,7 @@ class DhariwalUNet(nn.Module):
                  attn_resolutions: tuple[int, ...] = (16, 8), channels_per_head: int = 64,
                  emb_channels: int | None = None, dropout: float = 0.0, block_norm: str = "group",
                  out_norm: str = "group", noise_embedding: str = "positional",
-                 fourier_scale: float = 0.02):
+                 fourier_scale: float = 0.02, second_time: bool = False):
         super().__init__()
         resolutions = [resolution >> level for level in range(len(channel_mult))]
         _check_unet_args(resolution, channel_mult, attn_resolutions, resolutions, dropout, label_dropout)
@@ -106,6 +109,10 @@ class DhariwalUNet(nn.Module):
         # Conditioning: noise embedding -> MLP, plus a label embedding (EDM: N(0, 1) weights, no bias).
         self.map_noise = build_noise_embedding(noise_embedding, model_channels, fourier_scale)
         self.map_layer0 = linear(model_channels, emb_channels)
+        self.second_time = bool(second_time)
+        if self.second_time:
+            self.map_noise2 = build_noise_embedding(noise_embedding, model_channels, fourier_scale)
+            self.map_layer0_2 = linear(model_channels, emb_channels, bias=False)
         self.map_layer1 = linear(emb_channels, emb_channels)
         self.map_label = linear(label_dim, emb_channels, bias=False) if label_dim else None
         if self.map_label is not None:
@@ -149,14 +156,18 @@ class DhariwalUNet(nn.Module):
         self.out_norm = norm_layer(out_norm, cout, resolution=resolution)
         self.out_conv = conv2d(cout, in_channels, 3, zero_init=True)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), noise_labels (B,) (c_noise), class_labels None | (B,) int | (B, label_dim) -> (B, C, H, W).
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                noise_labels2: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), noise_labels (B,) (c_noise), class_labels None | (B,) int | (B, label_dim),
+        noise_labels2 (B,) (the second time, only with ``second_time``) -> (B, C, H, W).
 
         The result has x's dtype (float32 under autocast, whatever the compute dtype).
         """
-        check_backbone_input(x, self.in_channels, self.resolution, noise_labels)
-        emb = self.map_layer1(F.silu(self.map_layer0(self.map_noise(noise_labels.reshape(-1)))))
+        check_backbone_input(x, self.in_channels, self.resolution, noise_labels, noise_labels2, self.second_time)
+        emb = self.map_layer0(self.map_noise(noise_labels.reshape(-1)))
+        if self.second_time:
+            emb = emb + self.map_layer0_2(self.map_noise2(noise_labels2.reshape(-1)))
+        emb = self.map_layer1(F.silu(emb))
         labels = label_features(class_labels, self.label_dim, x.shape[0], self.label_dropout,
                                 self.training, x.device)
         if labels is not None:
