@@ -45,7 +45,8 @@ from common import machine  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 LADDER = ["ilct", "ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-c", "slct"]
-GROUPS = {"default": ["ilct", "slct", "ldm"], "ladder": [*LADDER, "ldm"]}
+GROUPS = {"default": ["ilct", "slct", "ldm"], "ladder": [*LADDER, "ldm"],
+          "few-step": ["slct", "ilct", "meanflow", "shortcut", "ldm"]}
 STAGES = ["data", "ref", "train", "eval", "report"]
 
 
@@ -291,12 +292,14 @@ def premise(work: Path, a) -> dict | None:
                 beyond_outer=data["beyond_outer"], min=data["min"], max=data["max"], analysis=str(path))
 
 
-def stage_report(a, work: Path, methods: list[str]) -> None:
+def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
+                 pairs: tuple[tuple[str, str], ...] = (("slct", "ilct"),), title: str = "Ablation") -> Path:
+    """Write RESULTS/STEM.{md,json} and the figures; ``pairs`` (a, b): does a beat b by 2 pooled sd? Returns the md."""
     final, curves = collect(a, work, methods)
     summary = summarize(final, methods, a.weights)
-    comparisons = compare(summary)
+    comparisons = [c for pair in pairs for c in compare(summary, *pair)]
     RESULTS.mkdir(exist_ok=True)
-    stem = f"ablation-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
+    stem = stem or f"ablation-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
     figure_grids(a, work, methods, RESULTS / f"{stem}-samples.png")
     figure_curves(curves, RESULTS / f"{stem}-curves.png")
     info = machine("cpu")
@@ -312,7 +315,7 @@ def stage_report(a, work: Path, methods: list[str]) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     pm = lambda e, key, spec: (f"{fmt(e.get(key), spec)} +- {fmt(e.get(key + '_sd'), spec)}"  # noqa: E731
                                if key in e else "-")
-    lines = [f"# Ablation on UTKFace {a.resolution} px (TAEF2 latents), CPU scale", "",
+    lines = [f"# {title} on UTKFace {a.resolution} px (TAEF2 latents), CPU scale", "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}",
              f"- Command: `{meta['command']}` ({meta['date']})",
              f"- Data: {a.holdout} faces held out for the reference statistics, the rest trained on; network "
@@ -341,13 +344,15 @@ def stage_report(a, work: Path, methods: list[str]) -> None:
               f"![FD against training step]({stem}-curves.png)", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+    return RESULTS / f"{stem}.md"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parser(description: str = "", stages: tuple[str, ...] = STAGES) -> argparse.ArgumentParser:
+    """The command line of this script (benchmarks/compare.py extends it)."""
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=["default"],
                    help="method presets, or a group: default (ilct slct ldm), ladder (Table 2a + ldm)")
-    p.add_argument("--stage", nargs="+", choices=STAGES, default=STAGES)
+    p.add_argument("--stage", nargs="+", choices=stages, default=list(stages))
     p.add_argument("--zip", default=str(REPO.parent / "shared" / "data" / "utkface-200px.zip"))
     p.add_argument("--work", default="/tmp/slct-ablation", help="latents, references and runs (not in the repo)")
     p.add_argument("--resolution", type=int, default=64)
@@ -366,10 +371,11 @@ def main() -> None:
                    "evaluated for the FD-vs-step curves (each point costs --curve-n samples)")
     p.add_argument("--curve-n", type=int, default=1000, help="samples per curve point")
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how the runs shared the machine)")
-    a = p.parse_args()
-    if a.sets and not a.tag:
-        p.error("--set changes the runs: name the variant with --tag")
-    methods = [m for name in a.methods for m in GROUPS.get(name, [name])]
+    return p
+
+
+def run_stages(a, methods: list[str]) -> None:
+    """The data, ref, train and eval stages for ``methods`` (each skips what is done)."""
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -382,9 +388,18 @@ def main() -> None:
             done = stage_train(a, work, data, method, seed) if "train" in a.stage else True
             if done and "eval" in a.stage:
                 stage_eval(a, work, ref, method, seed)
+    print(f"stages done in {(time.time() - t0) / 60:.1f} min")
+
+
+def main() -> None:
+    p = parser()
+    a = p.parse_args()
+    if a.sets and not a.tag:
+        p.error("--set changes the runs: name the variant with --tag")
+    methods = [m for name in a.methods for m in GROUPS.get(name, [name])]
+    run_stages(a, methods)
     if "report" in a.stage:
-        stage_report(a, work, methods)
-    print(f"done in {(time.time() - t0) / 60:.1f} min")
+        stage_report(a, Path(a.work), methods)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,37 @@ def test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu(tmp_path):
     assert all(r["images_per_s"] > 0 for r in record["throughput"]["rows"])
     assert record["steps"][3]["images_nfe1"] == [16, 8, 8, 3] and record["steps"][3]["images_nfe2"] == [16, 8, 8, 3]
     assert "| torchrun --nproc_per_node=1 | ok |" in (tmp_path / "gpu-check-cpu-toy.md").read_text()
+
+
+def test_compare_report_puts_every_method_against_slct_and_the_speed_target(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("slct_bench_compare", BENCHMARKS / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compare
+    spec.loader.exec_module(compare)
+    monkeypatch.setattr(compare.ablation, "RESULTS", tmp_path / "results")
+    a = _args(curves=[])
+    fds = {"slct": [250.0, 255.0, 260.0], "meanflow": [200.0, 202.0, 204.0], "shortcut": [240.0, 260.0, 280.0]}
+    for method, per_seed in fds.items():
+        for seed, fd in enumerate(per_seed):
+            run = compare.ablation.run_dir(a, tmp_path, method, seed)
+            run.mkdir(parents=True)
+            for w in a.weights:
+                _eval_json(compare.ablation.eval_file(run, 100, 50, w), 50, {1: fd, 2: fd - 20})
+            (run / "metrics.jsonl").write_text(json.dumps(dict(step=100, sec_per_step=1.0)) + "\n")
+    (tmp_path / "results").mkdir()
+    rows = [dict(method=m, network="unet-small", batch=64, sec_per_step=s, images_per_s=64 / s, peak_mem_gib=1.0,
+                 peak_kind="process RSS", step_gflop=10.0) for m, s in (("slct", 1.0), ("meanflow", 1.3),
+                                                                          ("shortcut", 0.9))]
+    (tmp_path / "results" / "compare-speed-cpu.json").write_text(json.dumps(dict(rows=rows, command="x", steps=16,
+                                                                                 batch=64)))
+    monkeypatch.setattr(sys, "argv", ["compare.py", "--stage", "report", "--work", str(tmp_path), "--steps", "100",
+                                      "--seeds", "0", "1", "2", "--methods", "slct", "meanflow", "shortcut",
+                                      "--n-eval", "50", "--curves"])
+    compare.main()
+    text = (tmp_path / "results" / "compare-utkface64-100steps.md").read_text()
+    assert "# Few-step objectives on UTKFace 64 px" in text
+    # meanflow 202 +- 2 vs slct 255 +- 5: beats by more than 2 pooled sd; shortcut 260 +- 20 does not
+    assert "meanflow vs slct (rampup weights, 1 NFE): mean FD difference 53.0" in text and "**yes**" in text
+    assert "shortcut vs slct (rampup weights, 1 NFE)" in text and "**no**" in text
+    assert "| meanflow | 1300 | 1.30x |" in text
+    assert "MeanFlow step / sLCT step: 1.30x (target <= 1.6x): **met**" in text
