@@ -221,3 +221,14 @@ def test_meanflow_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     initial = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "one")[0])["model"]
     assert any(not torch.equal(initial[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["meanflow", "shortcut"])
+def test_flow_objectives_train_under_bf16_autocast(method, tmp_path):
+    import json
+
+    cfg = load_config(method, "digits", sets=[*TINY, "train.total_steps=2", "train.precision=bf16",
+                                              "logging.log_every_steps=1", "checkpoint.every_steps=1000"])
+    assert train(cfg, tmp_path, progress=False).finished
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)

@@ -31,7 +31,10 @@ _EXPORTS: dict[str, str] = {
     "LossTerms": "slct.objectives",
     "ConsistencyObjective": "slct.objectives",
     "EDMObjective": "slct.objectives",
+    "MeanFlowObjective": "slct.objectives",
+    "ShortcutObjective": "slct.objectives",
     "build_objective": "slct.objectives",
+    "FlowModel": "slct.precond",
     # networks (REFERENCE.md [6])
     "build_network": "slct.nn",
     "norm_layer": "slct.nn",
@@ -55,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "train": "slct.training",
     "load_snapshot": "slct.sampling",
     "sample_latents": "slct.sampling",
+    "flow_sample": "slct.sampling",
 }
 
 __all__ = ["__version__", *_EXPORTS]
