@@ -95,3 +95,17 @@ def test_export_refuses_a_non_empty_folder(digits_run, tmp_path, capsys):
     (tmp_path / "busy" / "file").write_text("x")
     assert main(["export", str(digits_run), str(tmp_path / "busy")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_export_of_a_flow_model_samples_what_slct_samples(tmp_path):
+    from slct.diffusers_pipeline import load_pipeline
+
+    run = tmp_path / "shortcut"
+    train(load_config("shortcut", "digits", sets=[*TINY, "train.total_steps=3"]), run, progress=False)
+    assert main(["export", str(run), str(tmp_path / "pipe")]) == 0
+    pipe = load_pipeline(tmp_path / "pipe")
+    assert pipe.scheduler.sigmas(4) == [1.0, 0.75, 0.5, 0.25]
+    for nfe in (1, 4):
+        expected = _slct_samples(run, tmp_path, nfe, n=4)
+        np.testing.assert_array_equal(pipe(seeds=range(4), num_inference_steps=nfe, output_type="np").images,
+                                      expected["images"])

@@ -156,12 +156,14 @@ def build_td_model(network: str | None, checkpoint: str | os.PathLike | None, la
     if isinstance(payload, dict) and str(payload.get("format", "")).startswith("slct-snapshot"):
         from slct.sampling import load_snapshot
         snap = load_snapshot(checkpoint)
+        _refuse_flow(snap.config.objective.kind, checkpoint)
         return snap.model.eval(), snap.normalizer
     if isinstance(payload, dict) and str(payload.get("format", "")).startswith("slct-checkpoint"):
         from slct.config import config_from_dict
         from slct.data import Normalizer
         cfg = config_from_dict(payload["config"])
         obj = cfg.objective
+        _refuse_flow(obj.kind, checkpoint)
         model = PrecondModel(build_network(cfg.network.name, **payload["network_kwargs"]),
                              Precond(sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind))
         model.load_state_dict(payload["model"])
@@ -328,3 +330,13 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
     (out_dir / "analysis.json").write_text(json.dumps(report, indent=1))
     plot_analysis(panels, out_dir / "analysis.png")
     return report
+
+
+def _refuse_flow(kind: str, path) -> None:
+    """The TD analysis measures a consistency function f(x, sigma) (paper section 4.1); flow models have none."""
+    from slct.precond import FLOW_KINDS
+
+    if kind in FLOW_KINDS:
+        raise ValueError(f"{path} is a {kind} model: the TD analysis measures consistency pairs f(x, sigma) (paper "
+                         "section 4.1), which an average-velocity model does not define; analyze its latents without "
+                         "--checkpoint, or a consistency run's checkpoint")

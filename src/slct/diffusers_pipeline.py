@@ -38,7 +38,8 @@ PIPELINE_FILE = "pipeline"  # OUT/pipeline.py, named in model_index.json so Diff
 
 
 class SLCTDenoiser(ModelMixin, ConfigMixin):
-    """``f(x, sigma, class_labels)``: an slct backbone inside its preconditioning (consistency or EDM)."""
+    """An slct backbone inside its objective's parameterisation: ``f(x, sigma, class_labels)`` (consistency, EDM) or
+    the average velocity ``u(x, t, class_labels, h)`` (MeanFlow, Shortcut)."""
 
     config_name = "config.json"
 
@@ -48,17 +49,17 @@ class SLCTDenoiser(ModelMixin, ConfigMixin):
                  num_classes: int = 0, class_names: list | None = None):
         super().__init__()
         from slct.nn import build_network
-        from slct.precond import Precond, PrecondModel
+        from slct.precond import wrap_network
 
-        self.model = PrecondModel(build_network(network, **(network_kwargs or {})),
-                                  Precond(sigma_data=sigma_data, sigma_min=sigma_min, kind=kind))
+        self.model = wrap_network(build_network(network, **(network_kwargs or {})), kind, sigma_data, sigma_min)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
-        return self.model(x, sigma, class_labels)
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, *args) -> torch.Tensor:
+        return self.model(x, sigma, class_labels, *args)
 
 
 class SLCTScheduler(SchedulerMixin, ConfigMixin):
-    """The noise levels of slct's samplers; ``sigmas(num_inference_steps)`` lists them (see slct.sampling)."""
+    """The noise levels of slct's samplers; ``sigmas(num_inference_steps)`` lists them (see slct.sampling); for the
+    flow objectives (MeanFlow, Shortcut) they are the times 1, 1 - 1/k, ..., 1/k of the k equal steps."""
 
     config_name = "scheduler_config.json"
 
@@ -79,6 +80,8 @@ class SLCTScheduler(SchedulerMixin, ConfigMixin):
         from slct.sigmas import karras_sigmas
 
         c = self.config
+        if c.kind in ("meanflow", "shortcut"):
+            return [1 - i / num_inference_steps for i in range(num_inference_steps)]
         if c.kind == "edm":
             steps = num_inference_steps if c.ldm_solver == "euler" else (num_inference_steps + 1) // 2
             return karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho).double().flip(0).tolist()
@@ -204,9 +207,8 @@ def export_diffusers(snapshot: str | Path, out: str | Path, ema: str | None = No
     payload = checkpoint.load(path, expect=(checkpoint.SNAPSHOT_FORMAT, checkpoint.CHECKPOINT_FORMAT))
     network_kwargs = payload["network_kwargs"]  # snapshots and checkpoints both carry it
     obj, samp = snap.config.objective, snap.config.sampling
-    precond = snap.model.precond
     denoiser = SLCTDenoiser(network=snap.config.network.name, network_kwargs=network_kwargs,
-                            sigma_data=precond.sigma_data, sigma_min=precond.sigma_min, kind=precond.kind,
+                            sigma_data=obj.sigma_data, sigma_min=obj.sigma_min, kind=obj.kind,
                             latent_shape=list(snap.latent_shape), num_classes=snap.num_classes,
                             class_names=snap.class_names)
     denoiser.model.load_state_dict(snap.model.state_dict())

@@ -688,8 +688,8 @@ class _Logger:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record['loss']:.4g}", N=int(record.get("n_scales", 0)),
-                                 c=f"{record.get('c', 0):.3g}", img_s=f"{record['images_per_s']:.0f}")
+            curriculum = {} if "n_scales" not in record else dict(N=int(record["n_scales"]), c=f"{record['c']:.3g}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", **curriculum, img_s=f"{record['images_per_s']:.0f}")
         elif self.progress == "lines":
             extra = "".join(f" {k} {record[v]:.4g}" for k, v in (("N", "n_scales"), ("c", "c")) if v in record)
             print(f"step {state.step}/{self.total} loss {record['loss']:.4g}{extra} "
