@@ -17,6 +17,7 @@ it by more than 2 pooled sd?) and the speed table with MeanFlow's step time over
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import json
 import shlex
@@ -38,6 +39,8 @@ def _load(name: str):
 
 
 ablation = _load("ablation")
+sys.path.insert(0, str(HERE))
+from common import machine  # noqa: E402
 
 
 def stage_speed(a, methods: list[str]) -> list[dict]:
@@ -56,9 +59,18 @@ def stage_speed(a, methods: list[str]) -> list[dict]:
                                          "peak_mem_gib", "peak_kind", "step_gflop")})
         print(f"{method}: {1000 * row['sec_per_step']:.0f} ms/step, peak {row['peak_mem_gib']:.2f} GiB", flush=True)
     speed = dict(rows=rows, command=shlex.join(["python", "benchmarks/compare.py", *sys.argv[1:]]),
-                 steps=a.speed_steps, batch=a.speed_batch)
+                 steps=a.speed_steps, batch=a.speed_batch, machine=machine("cpu"),
+                 date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     ablation.RESULTS.mkdir(exist_ok=True)
     (ablation.RESULTS / "compare-speed-cpu.json").write_text(json.dumps(speed, indent=2) + "\n")
+    m = speed["machine"]
+    (ablation.RESULTS / "compare-speed-cpu.md").write_text("\n".join([
+        "# Few-step objectives: training step time and peak memory (CPU)", "",
+        f"- Command: `{speed['command']}` ({speed['date']})",
+        f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, torch {m['torch']}; 1-min load average "
+        f"{m['load_average_1min']} at the end",
+        f"- Data: `{data}`; batch {a.speed_batch}; each method trains {a.speed_steps} steps in a fresh process, the last "
+        f"{a.speed_steps // 2} timed (benchmarks/training.py's --one)", "", *speed_lines(rows)[2:]]) + "\n")
     return rows
 
 
@@ -97,8 +109,11 @@ def main() -> None:
                                    pairs=tuple((m, "slct") for m in methods if m != "slct"))
         if speed_file.exists():
             speed = json.loads(speed_file.read_text())
+            m = speed.get("machine", {})
             text = md.read_text() + "\n" + "\n".join(speed_lines(speed["rows"])) + \
-                f"\n\nSpeed command: `{speed['command']}` ({speed['steps']} steps per method, the last half timed).\n"
+                f"\n\nSpeed command: `{speed['command']}` ({speed['steps']} steps per method, the last half timed; " \
+                f"{speed.get('date', '')}; {m.get('cpu', '?')}, {m.get('cpu_cores', '?')} cores, 1-min load " \
+                f"{m.get('load_average_1min', '?')}).\n"
             md.write_text(text)
 
 
