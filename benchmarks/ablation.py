@@ -371,6 +371,8 @@ def parser(description: str = "", stages: tuple[str, ...] = STAGES) -> argparse.
                    "evaluated for the FD-vs-step curves (each point costs --curve-n samples)")
     p.add_argument("--curve-n", type=int, default=1000, help="samples per curve point")
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how the runs shared the machine)")
+    p.add_argument("--compare", nargs="+", default=["slct:ilct"], metavar="A:B",
+                   help="report whether A's mean 1-NFE FD beats B's by more than 2 pooled sd, per weights")
     return p
 
 
@@ -399,7 +401,8 @@ def main() -> None:
     methods = [m for name in a.methods for m in GROUPS.get(name, [name])]
     run_stages(a, methods)
     if "report" in a.stage:
-        stage_report(a, Path(a.work), methods)
+        pairs = tuple(tuple(pair.split(":", 1)) for pair in a.compare)
+        stage_report(a, Path(a.work), methods, pairs=pairs)
 
 
 if __name__ == "__main__":
