@@ -21,6 +21,7 @@ import datetime
 import importlib.util
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def stage_speed(a, methods: list[str]) -> list[dict]:
     data = Path(a.work) / f"utk{a.resolution}-train"
     rows = []
     for method in methods:
+        shutil.rmtree(work / method, ignore_errors=True)  # a fresh run each time: the timing is of new steps
         cmd = [sys.executable, str(HERE / "training.py"), "--one", f"{method}:fp32", "--work", str(work / method),
                "--data", str(data), "--batch", str(a.speed_batch), "--steps", str(a.speed_steps), "--device", "cpu"]
         out = subprocess.run(cmd, capture_output=True, text=True)
