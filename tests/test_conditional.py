@@ -43,7 +43,7 @@ def test_labels_are_a_function_of_the_seed():
     assert labels_for_seeds("none", seeds, 10) is None and labels_for_seeds(None, seeds, 0) is None
     with pytest.raises(ValueError, match="unconditional"):
         labels_for_seeds(["3"], seeds, 0)
-    with pytest.raises(ValueError, match="not a class of this model \\(ids 0..9"):
+    with pytest.raises(ValueError, match="not one of this model.s 10 classes \\(ids 0..9"):
         labels_for_seeds(["12"], seeds, 10)
     with pytest.raises(ValueError, match="cannot be combined"):
         labels_for_seeds(["random", "3"], seeds, 10)
@@ -68,7 +68,7 @@ def test_cli_sample_with_labels_writes_them(runs, tmp_path, capsys):
     assert data["labels"].tolist() == [s % 10 for s in range(12)] and list(data["class_names"])[:2] == ["0", "1"]
     assert (out / "grid-nfe1.png").is_file()
     assert main(["sample", str(runs["slct"]), "--n", "4", "--labels", "11", "--out", str(out)]) == 2
-    assert "not a class of this model" in capsys.readouterr().err
+    assert "not one of this model" in capsys.readouterr().err
     assert main(["sample", str(runs["slct"]), "--n", "4", "--guidance", "2", "--out", str(out)]) == 2
     assert "consistency model" in capsys.readouterr().err
 
@@ -136,3 +136,20 @@ def test_training_grids_of_a_conditional_model_are_class_balanced(tmp_path, monk
                                               "logging.grid_size=20"])
     train(cfg, tmp_path, progress=False)
     assert seen and all(labels == [s % 10 for s in range(20)] for labels in seen)
+
+
+def test_class_references_decide_the_labels_of_an_evaluation():
+    from types import SimpleNamespace
+
+    from slct.commands.eval import _labels_for_references
+
+    ref = lambda cls: SimpleNamespace(manifest={} if cls is None else {"class": cls})  # noqa: E731
+    assert _labels_for_references(None, [ref(None)], ["all.npz"], 2) is None
+    assert _labels_for_references(["cat"], [ref(None)], ["all.npz"], 2) == ["cat"]
+    assert _labels_for_references(None, [ref("cat"), ref("cat")], ["a.npz", "b.npz"], 2) == ["cat"]
+    with pytest.raises(ValueError, match="all-class reference cannot share"):
+        _labels_for_references(None, [ref("cat"), ref(None)], ["a.npz", "b.npz"], 2)
+    with pytest.raises(ValueError, match="different classes \\(cat, dog\\)"):
+        _labels_for_references(None, [ref("dog"), ref("cat")], ["a.npz", "b.npz"], 2)
+    with pytest.raises(ValueError, match="holds the images of class 'cat'"):
+        _labels_for_references(["dog"], [ref("cat")], ["a.npz"], 2)

@@ -23,6 +23,8 @@ import torch
 
 from slct import __version__, checkpoint
 from slct.checkpoint import SNAPSHOT_FORMAT
+from slct.data.labels import resolve_class
+from slct.nn.layers import label_features
 from slct.precond import FLOW_KINDS
 from slct.sigmas import karras_sigmas
 
@@ -122,19 +124,10 @@ def labels_for_seeds(spec, seeds, num_classes: int, class_names=()) -> torch.Ten
                              for s in seeds], dtype=torch.int64)  # an offset stream: not the noise's generator
     if items == ["none"]:
         return None
-    ids = []
-    names = [str(c) for c in class_names]
     for item in items:
-        text = str(item)
-        if text in LABEL_MODES:
-            raise ValueError(f"--labels {text} cannot be combined with other labels")
-        if not isinstance(item, int) and text in names:  # a class name first (class folders may be named "3")
-            ids.append(names.index(text))
-        elif text.lstrip("-").isdigit() and 0 <= int(text) < num_classes:
-            ids.append(int(text))
-        else:
-            known = f"; class names: {', '.join(names[:20])}" if names else ""
-            raise ValueError(f"label {text!r} is not a class of this model (ids 0..{num_classes - 1}{known})")
+        if str(item) in LABEL_MODES:
+            raise ValueError(f"--labels {item} cannot be combined with other labels")
+    ids = [resolve_class(item, class_names, num_classes, owner="this model") for item in items]
     return torch.tensor([ids[s % len(ids)] for s in seeds], dtype=torch.int64)
 
 
@@ -159,10 +152,10 @@ class Guided(torch.nn.Module):
             return self.model(x, sigma, class_labels)
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(b)
-        null = torch.zeros(b, self.model.net.label_dim, device=x.device)  # the all-zero label dropout trained
-        labels = torch.nn.functional.one_hot(class_labels.long(), self.model.net.label_dim).float() \
-            if not class_labels.is_floating_point() else class_labels
-        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels.to(x.device), null]))
+        dim = self.model.net.label_dim
+        labels = label_features(class_labels.to(x.device), dim, b)
+        null = label_features(None, dim, b, device=x.device)  # the all-zero label that label dropout trained
+        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
         cond, uncond = both[:b], both[b:]
         return uncond + self.guidance * (cond - uncond)
 

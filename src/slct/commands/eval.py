@@ -182,12 +182,12 @@ def _labels_for_references(labels, refs, paths, num_classes: int):
     classes = {ref.manifest.get("class") for ref in refs}
     if classes == {None}:
         return labels
+    if None in classes:
+        raise ValueError("a class reference and an all-class reference cannot share one evaluation")
     if len(classes) > 1:
         raise ValueError(f"the references hold different classes ({', '.join(sorted(map(str, classes)))}); "
                          "evaluate one class per call")
     (cls,) = classes
-    if cls is None or None in classes:
-        raise ValueError("a class reference and an all-class reference cannot share one evaluation")
     if labels is None:
         return [str(cls)]
     if [str(x) for x in labels] != [str(cls)]:

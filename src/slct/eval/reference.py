@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from slct.eval.extractors import PROTOCOLS, Extractor, Images
+from slct.data.labels import resolve_class  # noqa: F401 (also imported from here)
 from slct.eval.metrics import FeatureStats
 
 MANIFEST_FORMAT = "slct-reference-v1"
@@ -96,20 +97,6 @@ def list_images(source: str | os.PathLike) -> list[str]:
     from slct.data.sources import open_source
 
     return list(open_source(source).names)
-
-
-def resolve_class(class_name: str | int, classes: Sequence[str]) -> int:
-    """A class given by name (first) or id -> its id among ``classes``."""
-    names = [str(c) for c in classes]
-    if not names:
-        raise ValueError("this source has no classes: --class needs class sub-folders (as `slct encode --labels "
-                         "folder`) or a labelled latent dataset")
-    text = str(class_name)
-    if not isinstance(class_name, int) and text in names:
-        return names.index(text)
-    if text.isdigit() and int(text) < len(names):
-        return int(text)
-    raise ValueError(f"class {text!r} is not one of this source's {len(names)} classes ({', '.join(names[:20])})")
 
 
 def image_reader(source: str | os.PathLike, limit: int | None = None, resolution: int | None = None,
