@@ -142,6 +142,9 @@ def test_meanflow_target_is_exact_on_a_closed_form_flow(derivative):
         model.scale.fill_(1.1)
     wrong = objective(model, x0, 0, noise=e, generator=torch.Generator().manual_seed(3))
     assert float(wrong.total.mean()) > 1e-3  # and a wrong one does not
+    total = wrong.total.detach()  # with p = 1, total = sq / (sq + c): the logged unweighted error follows from it
+    sq = cfg.meanflow_c * total / (1 - total)
+    assert wrong.stats["mse"] == pytest.approx(float(sq.mean()) / x0[0].numel(), rel=1e-6)
     wrong.total.mean().backward()
     assert model.scale.grad is not None and float(model.scale.grad) > 0  # the loss pulls the scale back to 1
 

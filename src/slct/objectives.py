@@ -481,7 +481,9 @@ class MeanFlowObjective(_Objective):
         weight = 1 / (sq.detach() + cfg.meanflow_c) ** cfg.meanflow_p  # adaptive weight, sg
         total = weight * sq
         instantaneous = (t_cpu == r_cpu).to(device)
+        # the weighted loss is sq / (sq + c) ~ 1 whenever sq >> c: the unweighted error is what shows progress
         stats = {"mean_sigma": float(t_cpu.mean()), "mean_weight": float(weight.detach().mean()),
+                 "mse": float(sq.detach().mean()) / x0[0].numel(),
                  "diffusion_fraction": float((t_cpu == r_cpu).double().mean()), "mean_interval": float((t_cpu - r_cpu).mean())}
         zero = torch.zeros_like(total)
         return LossTerms(torch.where(instantaneous, zero, total), torch.where(instantaneous, total, zero), total,

@@ -689,9 +689,12 @@ class _Logger:
         self.metrics.flush()
         if self.bar is not None:
             curriculum = {} if "n_scales" not in record else dict(N=int(record["n_scales"]), c=f"{record['c']:.3g}")
+            if "mse" in record:  # MeanFlow: its adaptive-weighted loss sits near 1 by construction
+                curriculum["mse"] = f"{record['mse']:.4g}"
             self.bar.set_postfix(loss=f"{record['loss']:.4g}", **curriculum, img_s=f"{record['images_per_s']:.0f}")
         elif self.progress == "lines":
-            extra = "".join(f" {k} {record[v]:.4g}" for k, v in (("N", "n_scales"), ("c", "c")) if v in record)
+            extra = "".join(f" {k} {record[v]:.4g}" for k, v in (("N", "n_scales"), ("c", "c"), ("mse", "mse"))
+                            if v in record)
             print(f"step {state.step}/{self.total} loss {record['loss']:.4g}{extra} "
                   f"{record['images_per_s']:.0f} img/s", flush=True)
         if self.tb is not None:
