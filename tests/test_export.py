@@ -58,6 +58,27 @@ def test_exported_digits_pipeline_samples_what_slct_samples(digits_run, tmp_path
     assert images[0].size == (8, 8) and images[0].mode == "L"  # PIL, grey digits at 8 px
 
 
+def test_a_pickled_bin_in_an_exported_folder_is_never_loaded(digits_run, tmp_path):
+    """A shared folder whose denoiser weights are a pickle (``.bin``): diffusers' generic loader would read it when
+    not told ``use_safetensors=True``; slct's components refuse it however they are loaded."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from slct.diffusers_pipeline import SLCTDenoiser, load_pipeline
+
+    out = tmp_path / "pipe"
+    assert main(["export", str(digits_run), str(out), "--format", "diffusers"]) == 0
+    weights = out / "denoiser" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), out / "denoiser" / "diffusion_pytorch_model.bin")  # the same tensors, pickled
+    weights.unlink()
+    for load in (lambda: DiffusionPipeline.from_pretrained(out, trust_remote_code=True),  # no use_safetensors
+                 lambda: SLCTDenoiser.from_pretrained(out / "denoiser"), lambda: load_pipeline(out)):
+        with pytest.raises(OSError, match="diffusion_pytorch_model.safetensors"):
+            load()
+    with pytest.raises(ValueError, match="safetensors only"):
+        SLCTDenoiser.from_pretrained(out / "denoiser", use_safetensors=False)
+
+
 def test_export_with_an_sd_vae_shaped_codec(tmp_path):
     """A latent dataset encoded with a small random AutoencoderKL (the SD-VAE's architecture), trained 4 steps."""
     from diffusers import AutoencoderKL, DiffusionPipeline

@@ -37,7 +37,21 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput  # noqa: E402
 PIPELINE_FILE = "pipeline"  # OUT/pipeline.py, named in model_index.json so DiffusionPipeline finds the class
 
 
-class SLCTDenoiser(ModelMixin, ConfigMixin):
+class _SafetensorsOnly:
+    """Components load from safetensors only, however they are reached: diffusers' generic loader falls back to a
+    ``.bin`` (a pickle, which runs code when loaded) unless told ``use_safetensors=True``; a shared folder may hold
+    one, so these classes insist on safetensors themselves."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"{cls.__name__} loads safetensors only: a .bin weights file is a pickle, which runs "
+                             "code when loaded")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(*args, **kwargs)
+
+
+class SLCTDenoiser(_SafetensorsOnly, ModelMixin, ConfigMixin):
     """An slct backbone inside its objective's parameterisation: ``f(x, sigma, class_labels)`` (consistency, EDM) or
     the average velocity ``u(x, t, class_labels, h)`` (MeanFlow, Shortcut)."""
 
@@ -93,7 +107,7 @@ class SLCTScheduler(SchedulerMixin, ConfigMixin):
         return default_nfe(*self.configs())
 
 
-class SLCTCodec(ModelMixin, ConfigMixin):
+class SLCTCodec(_SafetensorsOnly, ModelMixin, ConfigMixin):
     """Latents -> images: the run's normalisation undone, then its codec's decoder (``decode``: [-1, 1])."""
 
     config_name = "config.json"
