@@ -19,7 +19,8 @@ Every stage is a plain `slct` command (printed before it runs), so each number c
           snapshot on ``--curve-n`` samples with the first of ``--weights`` (FD vs step);
 5. report: ``benchmarks/results/ablation-utkface64-STEPSsteps[-TAG].{json,md}``: mean +- sd over the seeds per
           method, weights and NFE (final rows and curve points under their own keys in the JSON), whether sLCT's
-          mean 1-NFE FD beats iLCT's by more than 2 pooled sd, the sample grids and the curves.
+          mean 1-NFE FD beats iLCT's by more than 2 pooled sd, the sample grids and the curves. A method named
+          ``METHOD@TAG`` reads the runs of variant TAG, so variants share one report (``--compare slct@TAG:slct``).
 
 Each stage skips what is already done. Runs live in ``--work``/runs/METHOD[-TAG]-STEPSsteps-seedS (default --work
 /tmp/slct-ablation), outside the repo. Two single-threaded invocations with different ``--seeds`` side by side use
@@ -66,9 +67,11 @@ def slct(*args: str) -> list[str]:
 
 
 def run_dir(a, work: Path, method: str, seed: int = 0) -> Path:
-    """Runs of different lengths are different runs (the curriculum is a function of --steps)."""
-    tag = f"-{a.tag}" if getattr(a, "tag", "") else ""
-    return work / "runs" / f"{method}{tag}-{a.steps}steps-seed{seed}"
+    """Runs of different lengths are different runs (the curriculum is a function of --steps). ``METHOD@TAG``
+    names another variant's runs (``--tag TAG``), so one report can set variants side by side."""
+    method, _, tag = method.partition("@")
+    tag = tag or getattr(a, "tag", "")
+    return work / "runs" / f"{method}{'-' + tag if tag else ''}-{a.steps}steps-seed{seed}"
 
 
 def snapshots(run: Path) -> list[Path]:
@@ -106,6 +109,8 @@ def stage_train(a, work: Path, data: Path, method: str, seed: int) -> bool:
     run = run_dir(a, work, method, seed)
     if (run / f"snapshot-{a.steps:08d}.pt").exists():
         return True
+    if "@" in method:  # its overrides are not known here: a variant trains under its own --tag and --set
+        sys.exit(f"{method}: train a variant with --tag {method.partition('@')[2]} and its --set overrides")
     cmd = slct("train", "--preset", method, "--data-preset", "utkface64", "--data", str(data), "--out", str(run),
                "--steps", str(a.steps), "--seed", str(seed), "--set",
                f"checkpoint.snapshot_every_steps={a.curve_every}", "--set", "train.ema_power_every_steps=0",

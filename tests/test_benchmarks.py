@@ -35,6 +35,11 @@ def test_runs_of_different_lengths_seeds_and_variants_live_apart(ablation, tmp_p
     names = {ablation.run_dir(_args(steps=steps, tag=tag), tmp_path, "slct", seed).name
              for steps in (1000, 2000) for seed in (0, 1) for tag in ("", "paper")}
     assert len(names) == 8 and "slct-1000steps-seed0" in names and "slct-paper-2000steps-seed1" in names
+    # METHOD@TAG names a variant's runs from any call (a report setting variants side by side)
+    assert ablation.run_dir(_args(steps=500), tmp_path, "slct@budget", 2).name == "slct-budget-500steps-seed2"
+    assert ablation.run_dir(_args(steps=500, tag="x"), tmp_path, "ilct@budget", 0).name == "ilct-budget-500steps-seed0"
+    with pytest.raises(SystemExit, match="--tag budget"):  # never trained without its overrides
+        ablation.stage_train(_args(steps=500), tmp_path, tmp_path, "slct@budget", 0)
 
 
 def test_report_mean_sd_over_seeds_final_rows_apart_from_curves(ablation, tmp_path, monkeypatch):
