@@ -206,15 +206,15 @@ def summarize(final: list[dict], methods: list[str], weights: list[str]) -> list
     return out
 
 
-def compare(summary: list[dict], a: str = "slct", b: str = "ilct") -> list[dict]:
-    """Per weights: does ``a``'s mean 1-NFE FD beat ``b``'s by more than 2 pooled sd?"""
+def compare(summary: list[dict], a: str = "slct", b: str = "ilct", nfe: int = 1) -> list[dict]:
+    """Per weights: does ``a``'s mean FD at ``nfe`` steps beat ``b``'s by more than 2 pooled sd?"""
     out = []
     for w in sorted({s["weights"] for s in summary}):
-        pick = {s["method"]: s for s in summary if s["weights"] == w and s["nfe"] == 1}
+        pick = {s["method"]: s for s in summary if s["weights"] == w and s["nfe"] == nfe}
         if a in pick and b in pick and len(pick[a]["seeds"]) > 1 and len(pick[b]["seeds"]) > 1:
             pooled = ((pick[a]["fd_sd"] ** 2 + pick[b]["fd_sd"] ** 2) / 2) ** 0.5
             diff = pick[b]["fd"] - pick[a]["fd"]
-            out.append(dict(weights=w, better=a, than=b, fd_difference=diff, pooled_sd=pooled,
+            out.append(dict(weights=w, nfe=nfe, better=a, than=b, fd_difference=diff, pooled_sd=pooled,
                             beats_by_2_pooled_sd=diff > 2 * pooled))
     return out
 
@@ -298,18 +298,20 @@ def premise(work: Path, a) -> dict | None:
 
 
 def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
-                 pairs: tuple[tuple[str, str], ...] = (("slct", "ilct"),), title: str = "Ablation") -> Path:
-    """Write RESULTS/STEM.{md,json} and the figures; ``pairs`` (a, b): does a beat b by 2 pooled sd? Returns the md."""
+                 pairs: tuple[tuple[str, str], ...] = (("slct", "ilct"),), title: str = "Ablation",
+                 nfes: tuple[int, ...] = (1,), script: str = "ablation.py") -> Path:
+    """Write RESULTS/STEM.{md,json} and the figures; ``pairs`` (a, b): does a beat b by 2 pooled sd at each of
+    ``nfes``? Returns the md."""
     final, curves = collect(a, work, methods)
     summary = summarize(final, methods, a.weights)
-    comparisons = [c for pair in pairs for c in compare(summary, *pair)]
+    comparisons = [c for nfe in nfes for pair in pairs for c in compare(summary, *pair, nfe=nfe)]
     RESULTS.mkdir(exist_ok=True)
     stem = stem or f"ablation-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
     figure_grids(a, work, methods, RESULTS / f"{stem}-samples.png")
     figure_curves(curves, RESULTS / f"{stem}-curves.png")
     info = machine("cpu")
     latents = premise(work, a)
-    meta = dict(machine=info, command=shlex.join(["python", "benchmarks/ablation.py", *sys.argv[1:]]),
+    meta = dict(machine=info, command=shlex.join(["python", f"benchmarks/{script}", *sys.argv[1:]]),
                 date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                 settings=dict(resolution=a.resolution, holdout=a.holdout, steps=a.steps, seeds=a.seeds,
                               weights=a.weights, n_eval=a.n_eval, curve_n=a.curve_n, curve_every=a.curve_every,
@@ -340,7 +342,7 @@ def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
                      f"{pm(e, 'precision', '.3f')} | {pm(e, 'recall', '.4f')} | {len(e['seeds'])} |")
     for c in comparisons:
         verdict = "yes" if c["beats_by_2_pooled_sd"] else "no"
-        lines.append(f"\n{c['better']} vs {c['than']} ({c['weights']} weights, 1 NFE): mean FD difference "
+        lines.append(f"\n{c['better']} vs {c['than']} ({c['weights']} weights, {c['nfe']} NFE): mean FD difference "
                      f"{c['fd_difference']:.1f}, 2 pooled sd = {2 * c['pooled_sd']:.1f}: beats by more than 2 pooled "
                      f"sd: **{verdict}**")
     lines += ["", "Per-seed rows, training times and the eval files are in the JSON beside this file. FD depends on "

@@ -108,7 +108,8 @@ def main() -> None:
     if "report" in a.stage:
         stem = f"compare-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
         md = ablation.stage_report(a, Path(a.work), methods, stem=stem, title="Few-step objectives",
-                                   pairs=tuple((m, "slct") for m in methods if m != "slct"))
+                                   pairs=tuple((m, "slct") for m in methods if m != "slct"), nfes=(1, 2),
+                                   script="compare.py")
         if speed_file.exists():
             speed = json.loads(speed_file.read_text())
             m = speed.get("machine", {})
