@@ -482,8 +482,8 @@ class MeanFlowObjective(_Objective):
         total = weight * sq
         instantaneous = (t_cpu == r_cpu).to(device)
         # the weighted loss is sq / (sq + c) ~ 1 whenever sq >> c: the unweighted error is what shows progress
-        stats = {"mean_sigma": float(t_cpu.mean()), "mean_weight": float(weight.detach().mean()),
-                 "mse": float(sq.detach().mean()) / x0[0].numel(),
+        mean_weight, mse = torch.stack([weight.detach().mean(), sq.detach().mean() / x0[0].numel()]).tolist()
+        stats = {"mean_sigma": float(t_cpu.mean()), "mean_weight": mean_weight, "mse": mse,  # one device sync
                  "diffusion_fraction": float((t_cpu == r_cpu).double().mean()), "mean_interval": float((t_cpu - r_cpu).mean())}
         zero = torch.zeros_like(total)
         return LossTerms(torch.where(instantaneous, zero, total), torch.where(instantaneous, total, zero), total,

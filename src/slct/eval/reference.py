@@ -31,8 +31,8 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
+from slct.data.labels import resolve_class
 from slct.eval.extractors import PROTOCOLS, Extractor, Images
-from slct.data.labels import resolve_class  # noqa: F401 (also imported from here)
 from slct.eval.metrics import FeatureStats
 
 MANIFEST_FORMAT = "slct-reference-v1"
