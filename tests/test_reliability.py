@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -375,6 +376,7 @@ def test_no_progress_prints_plain_lines_and_the_final_line(tmp_path, capsys):
     code, out, _ = cli(capsys, *TRAIN, "--steps", 3, "--out", tmp_path / "run", "--no-progress")
     assert code == 0
     assert "step 3/3 loss " in out and "training finished in" in out
+    assert re.search(r"step 3/3 loss \S+ N \d+ c \S+ \d+ img/s", out)  # the curriculum beside the loss
 
 
 def test_metrics_after_a_resume_have_no_repeated_steps(tmp_path):

@@ -620,6 +620,7 @@ class _Logger:
     """Progress bar, metrics.jsonl, optional TensorBoard, sample grids and the final plot (rank 0 only writes)."""
 
     KEYS = ("loss", "consistency", "diffusion")
+    SHOWN = (("N", "n_scales"), ("c", "c"), ("mse", "mse"))  # (label, metrics key) beside the loss in progress
 
     def __init__(self, run_dir: Path, cfg: Config, dataset, active: bool, progress: str, start: int, total: int):
         self.run_dir, self.cfg, self.active, self.progress, self.total = run_dir, cfg, active, progress, total
@@ -687,14 +688,13 @@ class _Logger:
             return
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        # what the bar and the lines show beside the loss, where the objective logs it (MeanFlow's `mse`: its
+        # adaptive-weighted loss sits near 1 by construction)
+        shown = {label: f"{record[key]:.4g}" for label, key in self.SHOWN if key in record}
         if self.bar is not None:
-            curriculum = {} if "n_scales" not in record else dict(N=int(record["n_scales"]), c=f"{record['c']:.3g}")
-            if "mse" in record:  # MeanFlow: its adaptive-weighted loss sits near 1 by construction
-                curriculum["mse"] = f"{record['mse']:.4g}"
-            self.bar.set_postfix(loss=f"{record['loss']:.4g}", **curriculum, img_s=f"{record['images_per_s']:.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4g}", **shown, img_s=f"{record['images_per_s']:.0f}")
         elif self.progress == "lines":
-            extra = "".join(f" {k} {record[v]:.4g}" for k, v in (("N", "n_scales"), ("c", "c"), ("mse", "mse"))
-                            if v in record)
+            extra = "".join(f" {label} {value}" for label, value in shown.items())
             print(f"step {state.step}/{self.total} loss {record['loss']:.4g}{extra} "
                   f"{record['images_per_s']:.0f} img/s", flush=True)
         if self.tb is not None:
