@@ -132,3 +132,32 @@ def test_compare_report_puts_every_method_against_slct_and_the_speed_target(tmp_
     assert "meanflow vs slct (rampup weights, 2 NFE): mean FD difference 53.0" in text  # and at 2 NFE
     assert "| meanflow | 1300 | 1.30x |" in text
     assert "MeanFlow step / sLCT step: 1.30x (target <= 1.6x): **met**" in text
+
+
+def test_study_runs_each_run_once_and_every_command_parses(ablation):
+    """benchmarks/study.py (issue 13's study in slices): every run is one ablation.py call its parser takes, no run
+    is in both lanes or twice, and the reports name every method they compare."""
+    spec = importlib.util.spec_from_file_location("slct_bench_study", BENCHMARKS / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    p = ablation.parser()
+    runs = []
+    for lane in study.lanes():
+        for args in lane:
+            a = p.parse_args(["--work", "/w", *args])
+            assert len(a.methods) == 1 and len(a.seeds) == 1 and a.stage == ["train", "eval"]
+            assert bool(a.sets) == (a.tag == "budget")  # overrides always under their variant's name
+            runs.append(ablation.run_dir(a, Path("/w"), a.methods[0], a.seeds[0]).name)
+    assert len(runs) == len(set(runs))
+    expected = {f"{m}-budget-2000steps-seed{s}" for m in ("ilct", "slct", "ldm") for s in (0, 1, 2)}
+    expected |= {f"{m}-2000steps-seed{s}" for m in ("ilct", "slct") for s in (0, 1, 2)}
+    expected |= {f"{m}-budget-500steps-seed{s}" for m in study.RUNGS for s in (0, 1, 2)}
+    assert set(runs) == expected
+    lane_a, lane_b = study.lanes()
+    assert abs(len(lane_a) - len(lane_b)) <= 1
+    for args in study.reports("/w"):
+        a = p.parse_args(args)
+        assert a.stage == ["report"] and a.seeds == [0, 1, 2]
+        for pair in a.compare:
+            assert set(pair.split(":")) <= set(a.methods), pair
+        assert set(a.curves) <= set(a.methods)

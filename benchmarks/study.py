@@ -1,0 +1,125 @@
+"""Issue 13's multi-seed study at the budgets people run, in slices: every run `ablation.py` makes, in two lanes.
+
+    python benchmarks/study.py --work /tmp/study           # run or continue both lanes; Ctrl-C stops, re-run continues
+    python benchmarks/study.py --print                      # the ablation.py commands, lane by lane, nothing run
+    python benchmarks/study.py --work /tmp/study --report   # the reports from the runs that are there
+
+What it runs (UTKFace 64 px, TAEF2 latents, `unet-small`, 3 seeds each; priority order, each lane in turn):
+1. ``ilct``, ``slct`` and ``ldm`` for 2,000 steps with the budget settings (``--tag budget``);
+2. the middle rungs of the Table 2a ladder (``ladder-cauchy`` ... ``ladder-adaptive-c``) for 500 steps with the
+   budget settings, beside the 500-step ``ilct@budget`` / ``slct@budget`` runs already in the 500-step report;
+3. ``ilct`` and ``slct`` for 2,000 steps with the authors' settings.
+
+Each lane is one single-threaded process (``OMP_NUM_THREADS=1``): two side by side use a 2-core CPU best. A run is
+one ``ablation.py --methods M --seeds S`` invocation; runs and evals already done are skipped, and a stopped run
+resumes from its last checkpoint, so the study runs in slices of whatever length a session has. One 2,000-step
+run takes ~55 min of one core here (``ldm`` ~40), a 500-step run ~14 min, plus ~6 min of scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# the budget settings: eq. 10's stages at least 125 steps long (no change at K = 2,000, where they are 285), RAdam's
+# weight decay decoupled from the learning rate and off for norm and bias parameters (docs/training.md)
+BUDGET = ["--tag", "budget", "--set", "objective.min_stage_steps=125", "--set", "optim.decoupled_weight_decay=true",
+          "--set", "optim.decay_norms_and_biases=false"]
+SCORING = ["--n-eval", "1000", "--curve-n", "500", "--weights", "rampup", "online"]
+SEEDS = (0, 1, 2)
+RUNGS = ["ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-c"]
+
+
+def run_args(method: str, seed: int, steps: int, budget: bool) -> list[str]:
+    """One run's ablation.py arguments (train and score it); curve points every quarter of the run."""
+    curve_every = steps // 4 if steps >= 2000 else steps // 2
+    # FD-vs-step curves for the 2,000-step consistency models; the 500-step rungs and ldm (35 NFE a sample: ~4 min
+    # a point) are scored at their last step only
+    curves = [method] if steps >= 2000 and method != "ldm" else []
+    return ["--methods", method, "--seeds", str(seed), "--steps", str(steps), "--curve-every", str(curve_every),
+            "--curves", *curves, *SCORING, "--stage", "train", "eval", *(BUDGET if budget else [])]
+
+
+def lanes() -> tuple[list[list[str]], list[list[str]]]:
+    """Two lanes of about equal length, each in priority order (one list of ablation.py arguments per run)."""
+    a, b = [], []
+    for seed in SEEDS:  # 1. the 2,000-step budget study
+        a.append(run_args("ilct", seed, 2000, True))
+        b.append(run_args("slct", seed, 2000, True))
+    a.append(run_args("ldm", 0, 2000, True))
+    b += [run_args("ldm", seed, 2000, True) for seed in (1, 2)]
+    for i, rung in enumerate(RUNGS):  # 2. the ladder's middle rungs at 500 steps
+        (a if i % 2 == 0 else b).extend(run_args(rung, seed, 500, True) for seed in SEEDS)
+    a += [run_args("ilct", seed, 2000, False) for seed in SEEDS]  # 3. the authors' settings at 2,000 steps
+    b += [run_args("slct", seed, 2000, False) for seed in SEEDS]
+    return a, b
+
+
+def reports(work: str) -> list[list[str]]:
+    """The two reports' ablation.py arguments: the 2,000-step one and the 500-step one (with the rungs)."""
+    at2000 = ["ilct@budget", "slct@budget", "ldm@budget", "ilct", "slct"]
+    at500 = ["ilct", "slct", "slct-calibrated-c", "ldm", "ilct@budget", *(f"{r}@budget" for r in RUNGS),
+             "slct@budget"]
+    return [["--work", work, "--methods", *at2000, "--seeds", *map(str, SEEDS), "--steps", "2000",
+             "--curve-every", "500", "--curves", "ilct@budget", "slct@budget", *SCORING,
+             "--stage", "report", "--compare", "slct@budget:ilct@budget", "slct:ilct", "ilct@budget:ilct",
+             "slct@budget:slct"],
+            ["--work", work, "--methods", *at500, "--seeds", *map(str, SEEDS), "--steps", "500", "--curve-every",
+             "250", "--curves", "ilct", "slct", "--n-eval", "1000", "--curve-n", "500", "--weights", "rampup",
+             "online", "--stage", "report", "--compare", "slct:ilct", "slct-calibrated-c:slct", "ilct@budget:ilct",
+             "slct@budget:slct", "slct@budget:ilct@budget",
+             *(f"{r}@budget:{p}@budget" for r, p in zip(RUNGS, ["ilct", *RUNGS[:-1]])),
+             f"slct@budget:{RUNGS[-1]}@budget"]]
+
+
+def command(args: list[str]) -> list[str]:
+    return [sys.executable, str(HERE / "ablation.py"), *args]
+
+
+def run_lane(runs: list[list[str]], work: str, log: Path) -> subprocess.Popen:
+    """One lane as one shell process running its runs one after another (stops at the first failure)."""
+    script = " && ".join(shlex.join(command(["--work", work, *r])) for r in runs)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(["bash", "-c", script], env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="/tmp/study", help="latents, references and runs (as ablation.py --work)")
+    p.add_argument("--print", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--report", action="store_true", help="write the reports from the runs that are there")
+    a = p.parse_args()
+    if a.print:
+        for name, runs in zip("AB", lanes()):
+            print(f"# lane {name}")
+            for r in runs:
+                print(shlex.join(["python", "benchmarks/ablation.py", "--work", a.work, *r]))
+        return
+    if a.report:
+        for r in reports(a.work):
+            subprocess.run(command(r), check=True)
+        return
+    # the latents, the reference statistics and the latents' analysis first (skipped when there), then the lanes
+    subprocess.run(command(["--work", a.work, "--methods", "ilct", "--stage", "data", "ref"]), check=True)
+    logs = Path(a.work) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [run_lane(runs, a.work, logs / f"study-lane-{name}.log") for name, runs in zip("AB", lanes())]
+    print(f"two lanes running; logs in {logs}/study-lane-{{A,B}}.log; Ctrl-C stops both (re-run continues)")
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:  # a training run checkpoints on SIGTERM/SIGINT and resumes when re-run
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGINT)
+        codes = [proc.wait() for proc in procs]
+    sys.exit(max(codes))
+
+
+if __name__ == "__main__":
+    main()
