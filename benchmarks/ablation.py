@@ -49,6 +49,7 @@ LADDER = ["ilct", "ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-
 GROUPS = {"default": ["ilct", "slct", "ldm"], "ladder": [*LADDER, "ldm"],
           "few-step": ["slct", "ilct", "meanflow", "shortcut", "ldm"]}
 STAGES = ["data", "ref", "train", "eval", "report"]
+MIN_SEEDS_FOR_VERDICT = 3  # per method, for "beats by more than 2 pooled sd"
 
 
 def sh(args: list[str], log: Path | None = None) -> None:
@@ -214,8 +215,10 @@ def compare(summary: list[dict], a: str = "slct", b: str = "ilct", nfe: int = 1)
         if a in pick and b in pick and len(pick[a]["seeds"]) > 1 and len(pick[b]["seeds"]) > 1:
             pooled = ((pick[a]["fd_sd"] ** 2 + pick[b]["fd_sd"] ** 2) / 2) ** 0.5
             diff = pick[b]["fd"] - pick[a]["fd"]
+            # one or two seeds are an anecdote: the numbers are shown, the verdict (None) waits for a third
+            enough = min(len(pick[a]["seeds"]), len(pick[b]["seeds"])) >= MIN_SEEDS_FOR_VERDICT
             out.append(dict(weights=w, nfe=nfe, better=a, than=b, fd_difference=diff, pooled_sd=pooled,
-                            beats_by_2_pooled_sd=diff > 2 * pooled))
+                            beats_by_2_pooled_sd=diff > 2 * pooled if enough else None))
     return out
 
 
@@ -341,7 +344,8 @@ def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
         lines.append(f"| {e['method']} | {e['weights']} | {e['nfe']} | {pm(e, 'fd', '.1f')} | "
                      f"{pm(e, 'precision', '.3f')} | {pm(e, 'recall', '.4f')} | {len(e['seeds'])} |")
     for c in comparisons:
-        verdict = "yes" if c["beats_by_2_pooled_sd"] else "no"
+        verdict = {True: "yes", False: "no", None: f"not decided (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"}[
+            c["beats_by_2_pooled_sd"]]
         lines.append(f"\n{c['better']} vs {c['than']} ({c['weights']} weights, {c['nfe']} NFE): mean FD difference "
                      f"{c['fd_difference']:.1f}, 2 pooled sd = {2 * c['pooled_sd']:.1f}: beats by more than 2 pooled "
                      f"sd: **{verdict}**")

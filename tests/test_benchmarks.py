@@ -83,6 +83,18 @@ def test_report_mean_sd_over_seeds_final_rows_apart_from_curves(ablation, tmp_pa
     assert (tmp_path / "results" / "ablation-utkface64-100steps-curves.png").stat().st_size > 0
 
 
+def test_no_verdict_from_fewer_than_three_seeds(ablation):
+    """Two seeds a side give the difference and the pooled sd but no yes/no: one or two seeds are an anecdote."""
+    def entry(method, fds):
+        fd, sd = ablation.mean_sd(fds)
+        return dict(method=method, weights="rampup", nfe=1, seeds=list(range(len(fds))), fd=fd, fd_sd=sd)
+
+    (two,) = ablation.compare([entry("slct", [100.0, 102.0]), entry("ilct", [200.0, 202.0])])
+    assert two["fd_difference"] == pytest.approx(100.0) and two["beats_by_2_pooled_sd"] is None
+    (three,) = ablation.compare([entry("slct", [100.0, 102.0, 101.0]), entry("ilct", [200.0, 202.0, 201.0])])
+    assert three["beats_by_2_pooled_sd"] is True
+
+
 def test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu(tmp_path):
     """benchmarks/gpu_check.sh cannot rot where no GPU is ever lent: its toy mode runs the same steps on the CPU."""
     import subprocess
