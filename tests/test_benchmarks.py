@@ -161,7 +161,8 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
             assert bool(a.sets) == (a.tag == "budget")  # overrides always under their variant's name
             runs.append(ablation.run_dir(a, Path("/w"), a.methods[0], a.seeds[0]).name)
     assert len(runs) == len(set(runs))
-    expected = {f"{m}-budget-2000steps-seed{s}" for m in ("ilct", "slct", "ldm") for s in (0, 1, 2)}
+    expected = {f"{m}-budget-2000steps-seed{s}" for m in ("ilct", "slct", "slct-calibrated-c", "ldm")
+                for s in (0, 1, 2)}
     expected |= {f"{m}-2000steps-seed{s}" for m in ("ilct", "slct") for s in (0, 1, 2)}
     expected |= {f"{m}-budget-500steps-seed{s}" for m in study.RUNGS for s in (0, 1, 2)}
     assert set(runs) == expected
