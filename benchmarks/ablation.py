@@ -382,6 +382,8 @@ def parser(description: str = "", stages: tuple[str, ...] = STAGES) -> argparse.
                    "evaluated for the FD-vs-step curves (each point costs --curve-n samples)")
     p.add_argument("--curve-n", type=int, default=1000, help="samples per curve point")
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how the runs shared the machine)")
+    p.add_argument("--stem", default=None, help="the report's file name without suffix (default "
+                   "ablation-utkface64-STEPSsteps[-TAG]; another keeps an earlier report of that length)")
     p.add_argument("--compare", nargs="+", default=["slct:ilct"], metavar="A:B",
                    help="report whether A's mean 1-NFE FD beats B's by more than 2 pooled sd, per weights")
     return p
@@ -413,7 +415,7 @@ def main() -> None:
     run_stages(a, methods)
     if "report" in a.stage:
         pairs = tuple(tuple(pair.split(":", 1)) for pair in a.compare)
-        stage_report(a, Path(a.work), methods, pairs=pairs)
+        stage_report(a, Path(a.work), methods, stem=a.stem, pairs=pairs)
 
 
 if __name__ == "__main__":

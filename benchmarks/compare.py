@@ -106,7 +106,7 @@ def main() -> None:
     if "speed" in a.stage:
         stage_speed(a, methods)
     if "report" in a.stage:
-        stem = f"compare-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
+        stem = a.stem or f"compare-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
         md = ablation.stage_report(a, Path(a.work), methods, stem=stem, title="Few-step objectives",
                                    pairs=tuple((m, "slct") for m in methods if m != "slct"), nfes=(1, 2),
                                    script="compare.py")

@@ -70,7 +70,8 @@ def reports(work: str) -> list[list[str]]:
     at2000 = ["ilct@budget", "slct@budget", "slct-calibrated-c@budget", "ldm@budget", "ilct", "slct"]
     at500 = ["ilct", "slct", "slct-calibrated-c", "ldm", "ilct@budget", *(f"{r}@budget" for r in RUNGS),
              "slct@budget"]
-    return [["--work", work, "--methods", *at2000, "--seeds", *map(str, SEEDS), "--steps", "2000",
+    # the 2,000-step report beside (not over) the single-seed one of an earlier commit
+    return [["--work", work, "--stem", "ablation-utkface64-2000steps-3seeds", "--methods", *at2000, "--seeds", *map(str, SEEDS), "--steps", "2000",
              "--curve-every", "500", "--curves", "ilct@budget", "slct@budget", "slct-calibrated-c@budget", *SCORING,
              "--stage", "report", "--compare", "slct@budget:ilct@budget", "slct-calibrated-c@budget:slct@budget",
              "slct-calibrated-c@budget:ilct@budget", "slct:ilct", "ilct@budget:ilct", "slct@budget:slct"],

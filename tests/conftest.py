@@ -21,6 +21,16 @@ from slct.compat import ensure_torchvision  # noqa: E402
 ensure_torchvision()
 
 REPO = Path(__file__).resolve().parents[1]
+
+# the longest tests (each 1.5-4 min on 2 cores, from the --durations list every run prints) start first: under
+# `-n 2` they otherwise start late and run alone at the end (10 min 10 s seen, ~4 min of it with one worker idle)
+SLOWEST_FIRST = ("test_meanflow_demo_two_step_samples_beat_the_noise_baseline",
+                 "test_demo_short_mode_beats_the_noise_baseline", "test_shortcut_demo_beats_the_noise_baseline",
+                 "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in SLOWEST_FIRST)  # stable: rest as is
 SHARED = Path(os.environ.get("SLCT_SHARED", REPO.parent / "shared"))
 
 

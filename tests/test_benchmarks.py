@@ -168,6 +168,9 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
     assert set(runs) == expected
     lane_a, lane_b = study.lanes()
     assert abs(len(lane_a) - len(lane_b)) <= 1
+    at2000, at500 = (p.parse_args(args) for args in study.reports("/w"))
+    assert at2000.stem == "ablation-utkface64-2000steps-3seeds"  # the single-seed 2,000-step report stays
+    assert at500.stem is None and at500.steps == 500  # the 500-step report grows the rungs
     for args in study.reports("/w"):
         a = p.parse_args(args)
         assert a.stage == ["report"] and a.seeds == [0, 1, 2]
