@@ -30,6 +30,7 @@ a 2-core machine best (``OMP_NUM_THREADS=1``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import shlex
@@ -56,11 +57,15 @@ def sh(args: list[str], log: Path | None = None) -> None:
     """Run one `slct` command (as a user would type it), echoing it first."""
     shown = ["slct", *args[3:]] if args[:3] == slct() else args  # as a user types it
     print("$", shlex.join(shown), flush=True)
-    if log is None:
-        subprocess.run(args, check=True)
-    else:
-        with open(log, "a") as f:
-            subprocess.run(args, check=True, stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "a") if log is not None else contextlib.nullcontext() as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT if f else None)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the child got the same SIGINT: let a training run write its checkpoint (as
+            proc.wait()            # subprocess.run would not: it kills the child), so re-running loses nothing
+            raise
+    if code:
+        raise subprocess.CalledProcessError(code, args)
 
 
 def slct(*args: str) -> list[str]:

@@ -177,3 +177,34 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
         for pair in a.compare:
             assert set(pair.split(":")) <= set(a.methods), pair
         assert set(a.curves) <= set(a.methods)
+
+
+def test_ctrl_c_lets_a_training_run_write_its_checkpoint(tmp_path):
+    """Stopping ablation.py / study.py with Ctrl-C must not kill the `slct train` under it before it has written its
+    checkpoint (subprocess.run kills its child on KeyboardInterrupt: a stopped slice lost its steps that way)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    child = ("import signal, sys, time, pathlib\n"
+             "def stop(*_):\n"
+             "    time.sleep(1.0)  # a checkpoint takes a while to write\n"
+             f"    pathlib.Path({str(tmp_path / 'checkpoint')!r}).write_text('saved')\n"
+             "    sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('')\n"
+             "time.sleep(60)\n")
+    parent = (f"import importlib.util, sys\n"
+              f"spec = importlib.util.spec_from_file_location('a', {str(BENCHMARKS / 'ablation.py')!r})\n"
+              "a = importlib.util.module_from_spec(spec); spec.loader.exec_module(a)\n"
+              f"a.sh([sys.executable, '-c', {child!r}])\n")
+    proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: parent and child get SIGINT
+    _, err = proc.communicate(timeout=60)
+    assert "KeyboardInterrupt" in err  # the parent stops too...
+    assert (tmp_path / "checkpoint").read_text() == "saved"  # ...after its child has finished its own stop
