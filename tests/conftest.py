@@ -25,16 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 # The longest tests (seconds on 2 cores, from the --durations list every run prints) go one by one to the worker
 # with less of them, at the head of the first chunk pytest-xdist sends each worker (it sends consecutive chunks of
 # a quarter of a worker's share): left where they fall they ran late, or all on one worker (10 min 12 s seen).
-SLOWEST_FIRST = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 210,
+LONGEST_TESTS_S = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 210,
                  "test_demo_short_mode_beats_the_noise_baseline": 180,
                  "test_shortcut_demo_beats_the_noise_baseline": 95,
                  "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 75}
 
 
+def _expected_s(item) -> float:
+    return LONGEST_TESTS_S.get(getattr(item, "originalname", item.name), 0)  # parametrised tests by their function
+
+
 def pytest_collection_modifyitems(config, items):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # the same on every worker: same order
-    slow = sorted((i for i in items if getattr(i, "originalname", i.name) in SLOWEST_FIRST),
-                  key=lambda i: -SLOWEST_FIRST[getattr(i, "originalname", i.name)])
+    slow = sorted((i for i in items if _expected_s(i)), key=lambda i: -_expected_s(i))
     rest = [i for i in items if i not in slow]
     if workers < 2 or len(items) < 8 * workers:
         items[:] = slow + rest
@@ -44,13 +47,15 @@ def pytest_collection_modifyitems(config, items):
     for item in slow:
         w = load.index(min(load))
         heads[w].append(item)
-        load[w] += SLOWEST_FIRST[getattr(item, "originalname", item.name)]
+        load[w] += _expected_s(item)
     ordered = []
     for head in heads:
         take = chunk - len(head)
         ordered += head + rest[:take]
         rest = rest[take:]
     items[:] = ordered + rest
+
+
 SHARED = Path(os.environ.get("SLCT_SHARED", REPO.parent / "shared"))
 
 
