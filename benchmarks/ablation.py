@@ -352,8 +352,9 @@ def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
         verdict = {True: "yes", False: "no", None: f"not decided (fewer than {MIN_SEEDS_FOR_VERDICT} seeds)"}[
             c["beats_by_2_pooled_sd"]]
         lines.append(f"\n{c['better']} vs {c['than']} ({c['weights']} weights, {c['nfe']} NFE): mean FD difference "
-                     f"{c['fd_difference']:.1f}, 2 pooled sd = {2 * c['pooled_sd']:.1f}: beats by more than 2 pooled "
-                     f"sd: **{verdict}**")
+                     f"{c['fd_difference']:.1f} ({c['than']} minus {c['better']}; positive: {c['better']} is lower), "
+                     f"2 pooled sd = {2 * c['pooled_sd']:.1f}: {c['better']} beats by more than 2 pooled sd: "
+                     f"**{verdict}**")
     lines += ["", "Per-seed rows, training times and the eval files are in the JSON beside this file. FD depends on "
               "the number of samples (it is biased upwards at small n): compare rows at the same n."]
     lines += ["", *([a.note, ""] if a.note else []), f"![samples]({stem}-samples.png)", "",

@@ -139,7 +139,8 @@ def test_compare_report_puts_every_method_against_slct_and_the_speed_target(tmp_
     text = (tmp_path / "results" / "compare-utkface64-100steps.md").read_text()
     assert "# Few-step objectives on UTKFace 64 px" in text and "Command: `python benchmarks/compare.py " in text
     # meanflow 202 +- 2 vs slct 255 +- 5: beats by more than 2 pooled sd; shortcut 260 +- 20 does not
-    assert "meanflow vs slct (rampup weights, 1 NFE): mean FD difference 53.0" in text and "**yes**" in text
+    assert ("meanflow vs slct (rampup weights, 1 NFE): mean FD difference 53.0 (slct minus meanflow; positive: "
+            "meanflow is lower)") in text and "**yes**" in text
     assert "shortcut vs slct (rampup weights, 1 NFE)" in text and "**no**" in text
     assert "meanflow vs slct (rampup weights, 2 NFE): mean FD difference 53.0" in text  # and at 2 NFE
     assert "| meanflow | 1300 | 1.30x |" in text
