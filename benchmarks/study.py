@@ -5,12 +5,15 @@
     python benchmarks/study.py --work /tmp/study --report   # the reports from the runs that are there
 
 What it runs (UTKFace 64 px, TAEF2 latents, `unet-small`, 3 seeds each; priority order, each lane in turn):
-1. ``ilct``, ``slct``, ``slct-calibrated-c`` and ``ldm`` for 2,000 steps with the budget settings (``--tag budget``;
+1. ``ilct``, ``slct`` and ``slct-calibrated-c`` for 2,000 steps with the budget settings (``--tag budget``;
    at K = 2,000 eq. 11's c falls to 2.4e-4 at N = 641 and sLCT's losses sit deep in the Cauchy log regime, where
    the calibrated c is meant to help);
-2. the middle rungs of the Table 2a ladder (``ladder-cauchy`` ... ``ladder-adaptive-c``) for 500 steps with the
+2. ``ilct`` and ``slct`` for 2,000 steps with the budget settings and the curriculum stopped at N = 81
+   (``--tag budget-n81``, ``objective.s1=80``: four stages of 500 steps);
+3. ``ldm`` for 2,000 steps with the budget settings;
+4. the middle rungs of the Table 2a ladder (``ladder-cauchy`` ... ``ladder-adaptive-c``) for 500 steps with the
    budget settings, beside the 500-step ``ilct@budget`` / ``slct@budget`` runs already in the 500-step report;
-3. ``ilct`` and ``slct`` for 2,000 steps with the authors' settings.
+5. ``ilct`` and ``slct`` for 2,000 steps with the authors' settings.
 
 Each lane is one single-threaded process (``OMP_NUM_THREADS=1``): two side by side use a 2-core CPU best. A run is
 one ``ablation.py --methods M --seeds S`` invocation; runs and evals already done are skipped, and a stopped run
@@ -31,56 +34,89 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # the budget settings: eq. 10's stages at least 125 steps long (no change at K = 2,000, where they are 285), RAdam's
 # weight decay decoupled from the learning rate and off for norm and bias parameters (docs/training.md)
-BUDGET = ["--tag", "budget", "--set", "objective.min_stage_steps=125", "--set", "optim.decoupled_weight_decay=true",
-          "--set", "optim.decay_norms_and_biases=false"]
+BUDGET_SETS = ["--set", "objective.min_stage_steps=125", "--set", "optim.decoupled_weight_decay=true",
+               "--set", "optim.decay_norms_and_biases=false"]
+BUDGET = ["--tag", "budget", *BUDGET_SETS]
+# ... and eq. 10's doubling stopped at N = 81 (s1 = 80: four stages of K/4 steps). In the 3-seed 2,000-step budget
+# runs both methods' 1-step FD was lowest at step 1,000 (N = 81) or 500 and worse by step 2,000 (N = 641): does
+# stopping the doubling there keep the gain, and would it suit the short-run presets?
+N81 = ["--tag", "budget-n81", *BUDGET_SETS, "--set", "objective.s1=80"]
 SCORING = ["--n-eval", "1000", "--curve-n", "500", "--weights", "rampup", "online"]
 SEEDS = (0, 1, 2)
 RUNGS = ["ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-c"]
 
 
-def run_args(method: str, seed: int, steps: int, budget: bool) -> list[str]:
+def run_args(method: str, seed: int, steps: int, variant: list[str]) -> list[str]:
     """One run's ablation.py arguments (train and score it); curve points every quarter of the run."""
     curve_every = steps // 4 if steps >= 2000 else steps // 2
     # FD-vs-step curves for the 2,000-step consistency models; the 500-step rungs and ldm (35 NFE a sample: ~4 min
     # a point) are scored at their last step only
     curves = [method] if steps >= 2000 and method != "ldm" else []
     return ["--methods", method, "--seeds", str(seed), "--steps", str(steps), "--curve-every", str(curve_every),
-            "--curves", *curves, *SCORING, "--stage", "train", "eval", *(BUDGET if budget else [])]
+            "--curves", *curves, *SCORING, "--stage", "train", "eval", *variant]
 
 
 def lanes() -> tuple[list[list[str]], list[list[str]]]:
     """Two lanes of about equal length, each in priority order (one list of ablation.py arguments per run)."""
     a, b = [], []
     for seed in SEEDS:  # 1. the 2,000-step budget study
-        a.append(run_args("ilct", seed, 2000, True))
-        b.append(run_args("slct", seed, 2000, True))
-    a.append(run_args("slct-calibrated-c", 0, 2000, True))
-    b += [run_args("slct-calibrated-c", seed, 2000, True) for seed in (1, 2)]
-    a += [run_args("ldm", seed, 2000, True) for seed in (0, 1)]
-    b.append(run_args("ldm", 2, 2000, True))
-    for i, rung in enumerate(RUNGS):  # 2. the ladder's middle rungs at 500 steps
-        (a if i % 2 == 0 else b).extend(run_args(rung, seed, 500, True) for seed in SEEDS)
-    a += [run_args("ilct", seed, 2000, False) for seed in SEEDS]  # 3. the authors' settings at 2,000 steps
-    b += [run_args("slct", seed, 2000, False) for seed in SEEDS]
+        a.append(run_args("ilct", seed, 2000, BUDGET))
+        b.append(run_args("slct", seed, 2000, BUDGET))
+    a.append(run_args("slct-calibrated-c", 0, 2000, BUDGET))
+    b += [run_args("slct-calibrated-c", seed, 2000, BUDGET) for seed in (1, 2)]
+    for seed in SEEDS:  # 2. the same with the curriculum stopped at N = 81
+        a.append(run_args("slct", seed, 2000, N81))
+        b.append(run_args("ilct", seed, 2000, N81))
+    a += [run_args("ldm", seed, 2000, BUDGET) for seed in (0, 1)]  # 3. the diffusion baseline
+    b.append(run_args("ldm", 2, 2000, BUDGET))
+    for i, rung in enumerate(RUNGS):  # 4. the ladder's middle rungs at 500 steps
+        (a if i % 2 == 0 else b).extend(run_args(rung, seed, 500, BUDGET) for seed in SEEDS)
+    a += [run_args("ilct", seed, 2000, []) for seed in SEEDS]  # 5. the authors' settings at 2,000 steps
+    b += [run_args("slct", seed, 2000, []) for seed in SEEDS]
     return a, b
+
+
+HOW_RUN = ("Each run trained in one single-threaded process (OMP_NUM_THREADS=1), two side by side on the 2-core "
+           "CPU (benchmarks/study.py, in slices over several sessions; a stopped run resumes bitwise from its "
+           "checkpoint). ")
+NOTE_2000 = (HOW_RUN + "48-57 min of training per 2,000-step run (ldm ~40). 2,000 steps at batch 64 are 128,000 "
+             "images (7 epochs). At K = 2,000 eq. 10 already gives stages of 285 steps, so min_stage_steps=125 "
+             "changes nothing and the @budget rows differ from the authors' settings (the plain rows) in weight "
+             "decay only: decoupled from the learning rate, none on norms and biases. Rows with fewer than 3 seeds "
+             "are still being trained by python benchmarks/study.py --work /tmp/study (re-running continues, "
+             "--report rewrites this file).")
+NOTE_500 = (HOW_RUN + "9-25 min of training per run (the first rows beside development work). 500 steps at batch "
+            "64 are 32,000 images (1.7 epochs), about 0.08% of the paper's training images. The plain ilct/slct "
+            "rows keep eq. 10's stages (71 steps each at K = 500), eq. 11's c and RAdam's coupled weight decay on "
+            "every tensor (the authors' settings; lr 1e-3 and the ramp-up EMA are the only short-run changes); the "
+            "@budget rows (the ladder's middle rungs among them) train with --tag budget --set "
+            "objective.min_stage_steps=125 --set optim.decoupled_weight_decay=true --set "
+            "optim.decay_norms_and_biases=false (4 stages of 125 steps ending at N = 81, decay decoupled and off "
+            "for norms and biases). Only ilct and slct were scored with the 0.999 EMA; ldm's online weights with "
+            "seed 1 only, with its 35-NFE Heun sampler.")
 
 
 def reports(work: str) -> list[list[str]]:
     """The two reports' ablation.py arguments: the 2,000-step one and the 500-step one (with the rungs)."""
-    at2000 = ["ilct@budget", "slct@budget", "slct-calibrated-c@budget", "ldm@budget", "ilct", "slct"]
+    at2000 = ["ilct@budget", "slct@budget", "slct-calibrated-c@budget", "ilct@budget-n81", "slct@budget-n81",
+              "ldm@budget", "ilct", "slct"]
     at500 = ["ilct", "slct", "slct-calibrated-c", "ldm", "ilct@budget", *(f"{r}@budget" for r in RUNGS),
              "slct@budget"]
     # the 2,000-step report beside (not over) the single-seed one of an earlier commit
-    return [["--work", work, "--stem", "ablation-utkface64-2000steps-3seeds", "--methods", *at2000, "--seeds", *map(str, SEEDS), "--steps", "2000",
-             "--curve-every", "500", "--curves", "ilct@budget", "slct@budget", "slct-calibrated-c@budget", *SCORING,
+    return [["--work", work, "--stem", "ablation-utkface64-2000steps-3seeds", "--methods", *at2000, "--seeds",
+             *map(str, SEEDS), "--steps", "2000",
+             "--curve-every", "500", "--curves", "ilct@budget", "slct@budget", "slct-calibrated-c@budget",
+             "slct@budget-n81", *SCORING,
              "--stage", "report", "--compare", "slct@budget:ilct@budget", "slct-calibrated-c@budget:slct@budget",
-             "slct-calibrated-c@budget:ilct@budget", "slct:ilct", "ilct@budget:ilct", "slct@budget:slct"],
+             "slct-calibrated-c@budget:ilct@budget", "slct@budget-n81:slct@budget", "ilct@budget-n81:ilct@budget",
+             "slct@budget-n81:ilct@budget-n81", "slct:ilct", "ilct@budget:ilct", "slct@budget:slct",
+             "--note", NOTE_2000],
             ["--work", work, "--methods", *at500, "--seeds", *map(str, SEEDS), "--steps", "500", "--curve-every",
              "250", "--curves", "ilct", "slct", "--n-eval", "1000", "--curve-n", "500", "--weights", "rampup",
-             "online", "--stage", "report", "--compare", "slct:ilct", "slct-calibrated-c:slct", "ilct@budget:ilct",
+             "0.999", "online", "--stage", "report", "--compare", "slct:ilct", "slct-calibrated-c:slct", "ilct@budget:ilct",
              "slct@budget:slct", "slct@budget:ilct@budget",
              *(f"{r}@budget:{p}@budget" for r, p in zip(RUNGS, ["ilct", *RUNGS[:-1]])),
-             f"slct@budget:{RUNGS[-1]}@budget"]]
+             f"slct@budget:{RUNGS[-1]}@budget", "--note", NOTE_500]]
 
 
 def command(args: list[str]) -> list[str]:

@@ -159,12 +159,12 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
         for args in lane:
             a = p.parse_args(["--work", "/w", *args])
             assert len(a.methods) == 1 and len(a.seeds) == 1 and a.stage == ["train", "eval"]
-            assert bool(a.sets) == (a.tag == "budget")  # overrides always under their variant's name
+            assert bool(a.sets) == bool(a.tag)  # overrides always under their variant's name
             runs.append(ablation.run_dir(a, Path("/w"), a.methods[0], a.seeds[0]).name)
     assert len(runs) == len(set(runs))
     expected = {f"{m}-budget-2000steps-seed{s}" for m in ("ilct", "slct", "slct-calibrated-c", "ldm")
                 for s in (0, 1, 2)}
-    expected |= {f"{m}-2000steps-seed{s}" for m in ("ilct", "slct") for s in (0, 1, 2)}
+    expected |= {f"{m}-{v}2000steps-seed{s}" for m in ("ilct", "slct") for v in ("", "budget-n81-") for s in (0, 1, 2)}
     expected |= {f"{m}-budget-500steps-seed{s}" for m in study.RUNGS for s in (0, 1, 2)}
     assert set(runs) == expected
     lane_a, lane_b = study.lanes()
@@ -172,6 +172,8 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
     at2000, at500 = (p.parse_args(args) for args in study.reports("/w"))
     assert at2000.stem == "ablation-utkface64-2000steps-3seeds"  # the single-seed 2,000-step report stays
     assert at500.stem is None and at500.steps == 500  # the 500-step report grows the rungs
+    assert "0.999" in at500.weights  # and keeps the fixed-EMA rows the README's first table shows
+    assert "min_stage_steps=125" in at500.note and "weight decay only" in at2000.note  # how the runs were made
     for args in study.reports("/w"):
         a = p.parse_args(args)
         assert a.stage == ["report"] and a.seeds == [0, 1, 2]
