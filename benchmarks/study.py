@@ -149,6 +149,9 @@ def main() -> None:
         return
     # the latents, the reference statistics and the latents' analysis first (skipped when there), then the lanes
     subprocess.run(command(["--work", a.work, "--methods", "ilct", "--stage", "data", "ref"]), check=True)
+    # started in the background (nohup ... &) a process inherits SIGINT ignored: take it back, so `kill -INT` stops
+    # the study as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logs = Path(a.work) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = [run_lane(runs, a.work, logs / f"study-lane-{name}.log") for name, runs in zip("AB", lanes())]
