@@ -211,3 +211,36 @@ def test_ctrl_c_lets_a_training_run_write_its_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert "KeyboardInterrupt" in err  # the parent stops too...
     assert (tmp_path / "checkpoint").read_text() == "saved"  # ...after its child has finished its own stop
+
+
+def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3_seeds(tmp_path, monkeypatch):
+    """benchmarks/digits.py: each run is an `slct demo` command the CLI takes with every override valid, and the
+    report's mean +- sd and verdicts come from the runs' own scores (fake scores here, no training)."""
+    from slct.cli import build_parser
+    from slct.config import load_config
+
+    spec = importlib.util.spec_from_file_location("slct_bench_digits", BENCHMARKS / "digits.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    monkeypatch.setattr(digits, "RESULTS", tmp_path / "results")
+    a = digits.parser().parse_args(["--work", str(tmp_path), "--steps", "100", "--stage", "report"])
+    for variant in digits.VARIANTS:
+        args = build_parser().parse_args(digits.demo_args(a, "slct", variant, 2))
+        assert args.steps == 100 and args.seed == 2 and args.preset == "slct"
+        cfg = load_config("slct", "digits", sets=args.sets)  # strict: a mistyped key would raise here
+        assert (cfg.objective.s1 == 80) == (variant == "budget-n81")
+    fds = {("slct", "authors"): [5.0, 6.0, 7.0], ("slct", "budget"): [2.0, 2.1, 1.9],
+           ("slct", "budget-n81"): [4.0, 8.0]}  # budget: lower by 4 against 2 pooled sd 1.4; n81: 2 seeds
+    for (method, variant), values in fds.items():
+        for seed, fd in enumerate(values):
+            out = digits.run_dir(tmp_path, method, variant, 100, seed)
+            out.mkdir(parents=True)
+            (out / "demo-scores.json").write_text(json.dumps(dict(n=10, fd_noise_baseline=6.5, fd_nfe1=fd,
+                                                                  fd_nfe2=fd / 2)))
+    a.methods = ["slct"]
+    text = digits.stage_report(a).read_text()
+    assert "| slct | authors | 6.00 +- 1.00 | 3.00 +- 0.50 | 6.50 | 3 |" in text
+    assert "slct budget vs authors (1 NFE): mean FD difference 4.00" in text and "**yes**" in text
+    assert "slct budget-n81 vs authors (1 NFE)" in text and "not decided (fewer than 3 seeds)" in text
+    saved = json.loads((tmp_path / "results" / "digits-presets.json").read_text())
+    assert len(saved["runs"]) == 8 and saved["meta"]["variants"]["authors"] == []
