@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -34,3 +36,12 @@ def machine(device: torch.device | str = "cpu") -> dict:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def load_sibling(name: str):
+    """Another benchmark script of this folder as a module (the scripts are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"slct_bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -18,7 +18,6 @@ it by more than 2 pooled sd?) and the speed table with MeanFlow's step time over
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import shlex
 import shutil
@@ -29,19 +28,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 STAGES = ("data", "ref", "train", "eval", "speed", "report")
 SPEED_TARGET = 1.6  # a MeanFlow step may cost at most this many sLCT steps (issue: "More few-step objectives")
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"slct_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ablation = _load("ablation")
 sys.path.insert(0, str(HERE))
-from common import machine  # noqa: E402
+from common import load_sibling, machine  # noqa: E402
+
+ablation = load_sibling("ablation")
 
 
 def stage_speed(a, methods: list[str]) -> list[dict]:

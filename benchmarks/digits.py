@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shlex
@@ -32,19 +31,10 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BUDGET = ["objective.min_stage_steps=125", "optim.decoupled_weight_decay=true", "optim.decay_norms_and_biases=false"]
 VARIANTS = {"authors": [], "budget": BUDGET, "budget-n81": [*BUDGET, "objective.s1=80"]}
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"slct_bench_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ablation = _load("ablation")  # sh(), slct(), mean_sd() and the seed rule for verdicts
 sys.path.insert(0, str(HERE))
-from common import machine  # noqa: E402
+from common import load_sibling, machine  # noqa: E402
+
+ablation = load_sibling("ablation")  # sh(), slct(), mean_sd() and the seed rule for verdicts
 
 
 def run_dir(work: Path, method: str, variant: str, steps: int, seed: int) -> Path:

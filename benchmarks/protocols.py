@@ -73,7 +73,7 @@ def main() -> None:
     result = dict(command=command.strip(), machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   rows=rows, inception=None if inception is None else inception["slct"].spec())
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# The two FID protocols on the same real images (UTKFace)", "",
+    lines = ["# The two FID protocols on the same real images (UTKFace)", "",
              f"- Command: `{result['command']}` ({result['date']})",
              f"- Machine: {result['machine']['cpu']}, torch {result['machine']['torch']}",
              "- Network input 299 x 299: `slct` = PIL bicubic on uint8; `pytorch-fid` = x / 255, bilinear in float "
