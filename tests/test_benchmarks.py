@@ -229,6 +229,7 @@ def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3
         assert args.steps == 100 and args.seed == 2 and args.preset == "slct"
         cfg = load_config("slct", "digits", sets=args.sets)  # strict: a mistyped key would raise here
         assert (cfg.objective.s1 == 80) == (variant == "budget-n81")
+        assert cfg.optim.decoupled_weight_decay == (variant != "authors")  # spelled out, whatever the preset holds
     fds = {("slct", "authors"): [5.0, 6.0, 7.0], ("slct", "budget"): [2.0, 2.1, 1.9],
            ("slct", "budget-n81"): [4.0, 8.0]}  # budget: lower by 4 against 2 pooled sd 1.4; n81: 2 seeds
     for (method, variant), values in fds.items():
@@ -243,4 +244,4 @@ def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3
     assert "slct budget vs authors (1 NFE): mean FD difference 4.00" in text and "**yes**" in text
     assert "slct budget-n81 vs authors (1 NFE)" in text and "not decided (fewer than 3 seeds)" in text
     saved = json.loads((tmp_path / "results" / "digits-presets.json").read_text())
-    assert len(saved["runs"]) == 8 and saved["meta"]["variants"]["authors"] == []
+    assert len(saved["runs"]) == 8 and "optim.decoupled_weight_decay=false" in saved["meta"]["variants"]["authors"]
