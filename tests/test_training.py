@@ -278,7 +278,9 @@ def test_weight_decay_options():
     torch.testing.assert_close(model[0].weight, before[0] * (1 - 0.01 * 0.1), rtol=0, atol=1e-7)
     for p, b in zip(list(model.parameters())[1:], before[1:]):
         assert torch.equal(p, b)
-    authors = build_optimizer(tiny_cfg().optim, model)  # the default: coupled decay on every tensor (REFERENCE [8])
+    from slct.config import OptimConfig
+
+    authors = build_optimizer(OptimConfig(), model)  # the default: coupled decay on every tensor (REFERENCE [8])
     assert len(authors.param_groups) == 1 and not authors.param_groups[0]["decoupled_weight_decay"]
 
 
@@ -307,7 +309,8 @@ def test_diagnostics_per_noise_band_and_gradient_norm(tmp_path):
 
 def test_calibrated_c_is_measured_per_stage_and_resumes_bitwise(tmp_path):
     """c_schedule 'calibrated': c measured at each stage start, stored in checkpoints, the same after a resume."""
-    sets = ("objective.c_schedule=calibrated", "objective.c_calibration_batches=2")
+    # eq. 10's stages exactly (the digits preset's 125-step floor would make 12 steps one stage)
+    sets = ("objective.c_schedule=calibrated", "objective.c_calibration_batches=2", "objective.min_stage_steps=0")
     ref = train(tiny_cfg("slct", 12, 16, *sets), tmp_path / "ref", progress=False)
     table = ref.state.c_table
     assert sorted(table, key=int) == ["11", "21", "41", "81", "161", "321", "641"]  # 12 steps: K' = 1
