@@ -114,7 +114,7 @@ def stage_report(a) -> Path:
         meta=dict(command=command, date=date, machine=info, steps=a.steps, n_eval=a.n_eval,
                   variants={v: VARIANTS[v] for v in a.variants}),
         summary=summary, comparisons=comparisons, runs=rows), indent=2) + "\n")
-    pm = lambda e, k: f"{e[k]:.2f} +- {e[k + '_sd']:.2f}"  # noqa: E731
+    pm = lambda e, k: f"{e[k]:.2f}" + (f" +- {e[k + '_sd']:.2f}" if len(e["seeds"]) > 1 else "")  # noqa: E731
     lines = ["# The `digits` preset by measurement (`slct demo`, built-in 8x8 digits, pixel space)", "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}",
              f"- Command: `{command}` ({date})",
