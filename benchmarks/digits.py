@@ -51,25 +51,24 @@ def demo_args(a, method: str, variant: str, seed: int) -> list[str]:
             "--out", str(run_dir(Path(a.work), method, variant, a.steps, seed)), *sets]
 
 
-def stage_train(a) -> None:
-    """Every run not scored yet, one after another (a stopped run resumes from its checkpoint)."""
+def runs(a):
+    """(method, variant, seed, run directory) of every run the arguments name, in the order they train."""
     for method in a.methods:
         for variant in a.variants:
             for seed in a.seeds:
-                out = run_dir(Path(a.work), method, variant, a.steps, seed)
-                if not (out / "demo-scores.json").is_file():
-                    ablation.sh(ablation.slct(*demo_args(a, method, variant, seed)))
+                yield method, variant, seed, run_dir(Path(a.work), method, variant, a.steps, seed)
+
+
+def stage_train(a) -> None:
+    """Every run not scored yet, one after another (a stopped run resumes from its checkpoint)."""
+    for method, variant, seed, out in runs(a):
+        if not (out / "demo-scores.json").is_file():
+            ablation.sh(ablation.slct(*demo_args(a, method, variant, seed)))
 
 
 def collect(a) -> list[dict]:
-    rows = []
-    for method in a.methods:
-        for variant in a.variants:
-            for seed in a.seeds:
-                path = run_dir(Path(a.work), method, variant, a.steps, seed) / "demo-scores.json"
-                if path.is_file():
-                    rows.append(dict(method=method, variant=variant, seed=seed, **json.loads(path.read_text())))
-    return rows
+    return [dict(method=method, variant=variant, seed=seed, **json.loads((out / "demo-scores.json").read_text()))
+            for method, variant, seed, out in runs(a) if (out / "demo-scores.json").is_file()]
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -85,20 +84,18 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def verdicts(summary: list[dict]) -> list[dict]:
-    """Each variant against ``authors`` of the same method, at 1 and 2 steps (lower FD is better)."""
+    """Each variant against ``authors`` of the same method at 1 and 2 steps, by ablation.compare's rule."""
+    # ablation.compare reads rows of (method, weights, nfe, seeds, fd, fd_sd): one method name per variant
+    rows = [dict(method=f"{s['method']}@{s['variant']}", weights="demo", nfe=nfe, seeds=s["seeds"],
+                 fd=s[f"fd_nfe{nfe}"], fd_sd=s[f"fd_nfe{nfe}_sd"]) for s in summary for nfe in (1, 2)]
     out = []
-    base = {s["method"]: s for s in summary if s["variant"] == "authors"}
     for s in summary:
-        b = base.get(s["method"])
-        if b is None or s is b:
+        if s["variant"] == "authors":
             continue
         for nfe in (1, 2):
-            key = f"fd_nfe{nfe}"
-            pooled = ((s[f"{key}_sd"] ** 2 + b[f"{key}_sd"] ** 2) / 2) ** 0.5
-            diff = b[key] - s[key]
-            enough = min(len(s["seeds"]), len(b["seeds"])) >= ablation.MIN_SEEDS_FOR_VERDICT
-            out.append(dict(method=s["method"], variant=s["variant"], nfe=nfe, fd_difference=diff,
-                            pooled_sd=pooled, beats_by_2_pooled_sd=diff > 2 * pooled if enough else None))
+            for c in ablation.compare(rows, f"{s['method']}@{s['variant']}", f"{s['method']}@authors", nfe):
+                out.append(dict(method=s["method"], variant=s["variant"], nfe=nfe, fd_difference=c["fd_difference"],
+                                pooled_sd=c["pooled_sd"], beats_by_2_pooled_sd=c["beats_by_2_pooled_sd"]))
     return out
 
 
