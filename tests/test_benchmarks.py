@@ -159,7 +159,8 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
         for args in lane:
             a = p.parse_args(["--work", "/w", *args])
             assert len(a.methods) == 1 and len(a.seeds) == 1 and a.stage == ["train", "eval"]
-            assert bool(a.sets) == bool(a.tag)  # overrides always under their variant's name
+            # overrides always under their variant's name, but for the plain rows' pins of the authors' settings
+            assert bool(a.sets) == bool(a.tag) or a.sets == study.AUTHORS[1::2]
             runs.append(ablation.run_dir(a, Path("/w"), a.methods[0], a.seeds[0]).name)
     assert len(runs) == len(set(runs))
     expected = {f"{m}-budget-2000steps-seed{s}" for m in ("ilct", "slct", "slct-calibrated-c", "ldm")
@@ -167,6 +168,12 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
     expected |= {f"{m}-{v}2000steps-seed{s}" for m in ("ilct", "slct") for v in ("", "budget-n81-") for s in (0, 1, 2)}
     expected |= {f"{m}-budget-500steps-seed{s}" for m in study.RUNGS for s in (0, 1, 2)}
     assert set(runs) == expected
+    from slct.config import ObjectiveConfig, OptimConfig, load_config
+
+    pinned = load_config("slct", "utkface64", sets=study.AUTHORS[1::2])  # the paper's values, the dataclass defaults
+    assert pinned.objective.min_stage_steps == ObjectiveConfig().min_stage_steps == 0
+    assert (pinned.optim.decoupled_weight_decay, pinned.optim.decay_norms_and_biases) == (
+        OptimConfig().decoupled_weight_decay, OptimConfig().decay_norms_and_biases) == (False, True)
     lane_a, lane_b = study.lanes()
     assert abs(len(lane_a) - len(lane_b)) <= 1
     at2000, at500 = (p.parse_args(args) for args in study.reports("/w"))
