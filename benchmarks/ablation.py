@@ -167,12 +167,32 @@ def training_time_s(run: Path) -> float:
     return total
 
 
+def archived(a, method: str, seed: int) -> tuple[list[dict], list[dict]]:
+    """(final rows, curve points) of one run from the ``--archive`` reports of this length: the record of a run
+    whose folder is gone (a wiped /tmp) stands in for it, so a study's finished runs need not train again."""
+    for path in a.archive:  # the first report of this length that has the run
+        record = json.loads(Path(path).read_text())
+        if record["meta"]["settings"]["steps"] != a.steps:
+            continue
+        final, curves = ([{**r, "archived_in": str(path)} for r in record[key]
+                          if r["method"] == method and r["seed"] == seed] for key in ("final", "curves"))
+        if final:
+            return final, curves
+    return [], []
+
+
 def collect(a, work: Path, methods: list[str]) -> tuple[list[dict], list[dict]]:
-    """(final rows, curve points): one row per method, seed, weights and NFE."""
+    """(final rows, curve points): one row per method, seed, weights and NFE; a run with no eval files here is
+    read from the ``--archive`` reports."""
     final, curves = [], []
     for method in methods:
         for seed in a.seeds:
             run = run_dir(a, work, method, seed)
+            if not any(run.glob("eval-*.json")):
+                old_final, old_curves = archived(a, method, seed)
+                final += old_final
+                curves += old_curves
+                continue
             train_s = training_time_s(run) if (run / "metrics.jsonl").exists() else None
             for path in sorted(run.glob("eval-*.json")):
                 record = json.loads(path.read_text())
@@ -315,7 +335,15 @@ def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
     comparisons = [c for nfe in nfes for pair in pairs for c in compare(summary, *pair, nfe=nfe)]
     RESULTS.mkdir(exist_ok=True)
     stem = stem or f"ablation-utkface{a.resolution}-{a.steps}steps" + (f"-{a.tag}" if a.tag else "")
-    figure_grids(a, work, methods, RESULTS / f"{stem}-samples.png")
+    drawn = [m for m in methods if (run_dir(a, work, m, a.seeds[0]) / f"snapshot-{a.steps:08d}.pt").exists()]
+    gone = sorted({r["method"] for r in final if "archived_in" in r})
+    # an archived run has no snapshot left to draw: the figure of an earlier report stays, the runs that are here
+    # get a figure of their own
+    samples = [f"{stem}-samples.png"] if gone or drawn else []
+    if gone and drawn:
+        samples.append(f"{stem}-samples-added.png")
+    if drawn:
+        figure_grids(a, work, drawn, RESULTS / samples[-1])
     figure_curves(curves, RESULTS / f"{stem}-curves.png")
     info = machine("cpu")
     latents = premise(work, a)
@@ -357,7 +385,11 @@ def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
                      f"**{verdict}**")
     lines += ["", "Per-seed rows, training times and the eval files are in the JSON beside this file. FD depends on "
               "the number of samples (it is biased upwards at small n): compare rows at the same n."]
-    lines += ["", *([a.note, ""] if a.note else []), f"![samples]({stem}-samples.png)", "",
+    if gone:
+        archives = sorted({r["archived_in"] for r in final if "archived_in" in r})
+        lines += ["", f"Rows of runs whose folders are gone, read from {', '.join(archives)}: {', '.join(gone)}"
+                  + (f"; {samples[-1]} shows the runs trained since ({', '.join(drawn)})." if drawn else ".")]
+    lines += ["", *([a.note, ""] if a.note else []), *(line for name in samples for line in (f"![samples]({name})", "")),
               f"![FD against training step]({stem}-curves.png)", ""]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -390,6 +422,9 @@ def parser(description: str = "", stages: tuple[str, ...] = STAGES) -> argparse.
     p.add_argument("--note", default="", help="a paragraph for the report (e.g. how the runs shared the machine)")
     p.add_argument("--stem", default=None, help="the report's file name without suffix (default "
                    "ablation-utkface64-STEPSsteps[-TAG]; another keeps an earlier report of that length)")
+    p.add_argument("--archive", nargs="+", default=[], metavar="REPORT.json",
+                   help="earlier reports (benchmarks/results/*.json) whose runs' folders are gone: a run they hold "
+                   "is done (not trained again) and reported from its archived rows")
     p.add_argument("--compare", nargs="+", default=["slct:ilct"], metavar="A:B",
                    help="report whether A's mean 1-NFE FD beats B's by more than 2 pooled sd, per weights")
     return p
@@ -406,6 +441,9 @@ def run_stages(a, methods: list[str]) -> None:
     ref = stage_ref(a, work) if "ref" in a.stage else work / f"ref-utk{a.resolution}-holdout{a.holdout}-mobilenetv2.npz"
     for seed in a.seeds:
         for method in methods:
+            if not run_dir(a, work, method, seed).exists() and archived(a, method, seed)[0]:
+                print(f"{method} seed {seed}: done, in the archive ({archived(a, method, seed)[0][0]['archived_in']})")
+                continue
             done = stage_train(a, work, data, method, seed) if "train" in a.stage else True
             if done and "eval" in a.stage:
                 stage_eval(a, work, ref, method, seed)

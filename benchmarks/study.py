@@ -17,7 +17,9 @@ What it runs (UTKFace 64 px, TAEF2 latents, `unet-small`, 3 seeds each; priority
 
 Each lane is one single-threaded process (``OMP_NUM_THREADS=1``): two side by side use a 2-core CPU best. A run is
 one ``ablation.py --methods M --seeds S`` invocation; runs and evals already done are skipped, and a stopped run
-resumes from its last checkpoint, so the study runs in slices of whatever length a session has. One 2,000-step
+resumes from its last checkpoint, so the study runs in slices of whatever length a session has. A run the
+committed reports (``ARCHIVE``) hold is done even when its folder is gone (a wiped /tmp): it is not trained again
+and the reports read its rows from there. One 2,000-step
 run takes ~55 min of one core here (``ldm`` ~40), a 500-step run ~14 min, plus ~6 min of scoring.
 """
 
@@ -47,6 +49,9 @@ AUTHORS = ["--set", "objective.min_stage_steps=0", "--set", "optim.decoupled_wei
 N81 = ["--tag", "budget-n81", *BUDGET_SETS, "--set", "objective.s1=80"]
 SCORING = ["--n-eval", "1000", "--curve-n", "500", "--weights", "rampup", "online"]
 SEEDS = (0, 1, 2)
+# the committed reports: a run they hold is done, even where its folder in --work is gone (rows are read from them)
+ARCHIVE = ["--archive", "benchmarks/results/ablation-utkface64-2000steps-3seeds.json",
+           "benchmarks/results/ablation-utkface64-500steps.json"]
 RUNGS = ["ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-c"]
 
 
@@ -57,7 +62,7 @@ def run_args(method: str, seed: int, steps: int, variant: list[str]) -> list[str
     # a point) are scored at their last step only
     curves = [method] if steps >= 2000 and method != "ldm" else []
     return ["--methods", method, "--seeds", str(seed), "--steps", str(steps), "--curve-every", str(curve_every),
-            "--curves", *curves, *SCORING, "--stage", "train", "eval", *variant]
+            "--curves", *curves, *SCORING, "--stage", "train", "eval", *ARCHIVE, *variant]
 
 
 def lanes() -> tuple[list[list[str]], list[list[str]]]:
@@ -114,17 +119,17 @@ def reports(work: str) -> list[list[str]]:
              "--stage", "report", "--compare", "slct@budget:ilct@budget", "slct-calibrated-c@budget:slct@budget",
              "slct-calibrated-c@budget:ilct@budget", "slct@budget-n81:slct@budget", "ilct@budget-n81:ilct@budget",
              "slct@budget-n81:ilct@budget-n81", "slct:ilct", "ilct@budget:ilct", "slct@budget:slct",
-             "--note", NOTE_2000],
+             *ARCHIVE, "--note", NOTE_2000],
             ["--work", work, "--methods", *at500, "--seeds", *map(str, SEEDS), "--steps", "500", "--curve-every",
              "250", "--curves", "ilct", "slct", "--n-eval", "1000", "--curve-n", "500", "--weights", "rampup",
              "0.999", "online", "--stage", "report", "--compare", "slct:ilct", "slct-calibrated-c:slct", "ilct@budget:ilct",
              "slct@budget:slct", "slct@budget:ilct@budget",
              *(f"{r}@budget:{p}@budget" for r, p in zip(RUNGS, ["ilct", *RUNGS[:-1]])),
-             f"slct@budget:{RUNGS[-1]}@budget", "--note", NOTE_500]]
+             f"slct@budget:{RUNGS[-1]}@budget", *ARCHIVE, "--note", NOTE_500]]
 
 
 def command(args: list[str]) -> list[str]:
-    return [sys.executable, str(HERE / "ablation.py"), *args]
+    return [sys.executable, str(HERE / "ablation.py"), *args]  # run in the repo root: ARCHIVE's paths
 
 
 def run_lane(runs: list[list[str]], work: str, log: Path) -> subprocess.Popen:
@@ -132,7 +137,7 @@ def run_lane(runs: list[list[str]], work: str, log: Path) -> subprocess.Popen:
     script = " && ".join(shlex.join(command(["--work", work, *r])) for r in runs)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(["bash", "-c", script], env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, cwd=HERE.parent)
 
 
 def main() -> None:
@@ -149,10 +154,11 @@ def main() -> None:
         return
     if a.report:
         for r in reports(a.work):
-            subprocess.run(command(r), check=True)
+            subprocess.run(command(r), check=True, cwd=HERE.parent)
         return
     # the latents, the reference statistics and the latents' analysis first (skipped when there), then the lanes
-    subprocess.run(command(["--work", a.work, "--methods", "ilct", "--stage", "data", "ref"]), check=True)
+    subprocess.run(command(["--work", a.work, "--methods", "ilct", "--stage", "data", "ref"]), check=True,
+                   cwd=HERE.parent)
     # started in the background (nohup ... &) a process inherits SIGINT ignored: take it back, so `kill -INT` stops
     # the study as Ctrl-C does
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -22,7 +22,7 @@ def ablation():
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(resolution=64, holdout=10, steps=100, seeds=[0, 1, 2], weights=["rampup", "online"], n_eval=50,
-                curve_n=20, curve_every=50, curves=["ilct", "slct"], note="fake runs", tag="", sets=[])
+                curve_n=20, curve_every=50, curves=["ilct", "slct"], note="fake runs", tag="", sets=[], archive=[])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -81,6 +81,52 @@ def test_report_mean_sd_over_seeds_final_rows_apart_from_curves(ablation, tmp_pa
     assert "| ilct | rampup | 1 | 310.0 +- 10.0 | 0.100 +- 0.000 | 0.0100 +- 0.0000 | 3 |" in md
     assert "beats by more than 2 pooled sd: **yes**" in md and "fake runs" in md
     assert (tmp_path / "results" / "ablation-utkface64-100steps-curves.png").stat().st_size > 0
+
+
+def test_a_report_reads_runs_whose_folders_are_gone_from_the_archive(ablation, tmp_path, monkeypatch):
+    """A wiped --work must not cost a study its finished runs: a committed report stands in for them (their rows
+    come back as they were, they are not trained again) beside the runs trained since."""
+    monkeypatch.setattr(ablation, "RESULTS", tmp_path / "results")
+    a = _args(curves=["ilct"])
+    for method, fd in (("ilct", 300.0), ("slct", 250.0)):
+        for seed in a.seeds:
+            run = ablation.run_dir(a, tmp_path, method, seed)
+            run.mkdir(parents=True)
+            _eval_json(ablation.eval_file(run, 50, 20, "rampup"), 20, {1: 900.0})
+            for w in a.weights:
+                _eval_json(ablation.eval_file(run, 100, 50, w), 50, {1: fd + seed, 2: fd - 10})
+            (run / "metrics.jsonl").write_text(json.dumps(dict(step=100, sec_per_step=3.0)) + "\n")
+    ablation.stage_report(a, tmp_path, ["ilct", "slct"])
+    report = tmp_path / "results" / "ablation-utkface64-100steps.json"
+    before = json.loads(report.read_text())
+    archive = tmp_path / "archive.json"
+    archive.write_text(report.read_text())
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # the wipe; then a new method trains
+    run = ablation.run_dir(a, tmp_path, "ladder-ot", 0)
+    run.mkdir(parents=True)
+    for w in a.weights:
+        _eval_json(ablation.eval_file(run, 100, 50, w), 50, {1: 280.0, 2: 270.0})
+    b = _args(curves=["ilct"], archive=[str(archive)], seeds=[0])
+    monkeypatch.setattr(ablation, "sh", lambda *args, **kw: pytest.fail(f"ran {args}"))
+    ablation.run_stages(argparse.Namespace(**{**vars(b), "work": str(tmp_path), "stage": ["train", "eval"]}),
+                        ["ilct", "slct"])  # archived: neither trained nor scored again
+    assert not (tmp_path / "runs" / "ilct-100steps-seed0").exists()
+    ablation.stage_report(_args(curves=["ilct"], archive=[str(archive)]), tmp_path, ["ilct", "slct", "ladder-ot"])
+    after = json.loads(report.read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "archived_in"} for r in rows]  # noqa: E731
+    assert strip([r for r in after["final"] if r["method"] != "ladder-ot"]) == before["final"]
+    assert strip(after["curves"]) == before["curves"]
+    assert all(r["archived_in"] == str(archive) for r in after["final"] if r["method"] != "ladder-ot")
+    pick = {(e["method"], e["weights"], e["nfe"]): e for e in after["summary"]}
+    assert pick[("ilct", "rampup", 1)]["fd"] == pytest.approx(301.0) and pick[("ilct", "rampup", 1)]["seeds"] == [0, 1, 2]
+    assert pick[("ladder-ot", "online", 2)]["fd"] == pytest.approx(270.0)
+    md = report.with_suffix(".md").read_text()
+    assert f"read from {archive}: ilct, slct" in md
+    # an archive of another length is not read
+    assert ablation.archived(_args(steps=200, archive=[str(archive)]), "ilct", 0) == ([], [])
 
 
 def test_no_verdict_from_fewer_than_three_seeds(ablation):
