@@ -170,12 +170,17 @@ def training_time_s(run: Path) -> float:
 def archived(a, method: str, seed: int) -> tuple[list[dict], list[dict]]:
     """(final rows, curve points) of one run from the ``--archive`` reports of this length: the record of a run
     whose folder is gone (a wiped /tmp) stands in for it, so a study's finished runs need not train again."""
+    def variant(method: str, tag: str) -> str:  # a run's full name: plain "ilct" in a --tag budget call is ilct@budget
+        return method if "@" in method or not tag else f"{method}@{tag}"
+
     for path in a.archive:  # the first report of this length that has the run
         record = json.loads(Path(path).read_text())
-        if record["meta"]["settings"]["steps"] != a.steps:
+        settings = record["meta"]["settings"]
+        if settings["steps"] != a.steps:
             continue
-        final, curves = ([{**r, "archived_in": str(path)} for r in record[key]
-                          if r["method"] == method and r["seed"] == seed] for key in ("final", "curves"))
+        final, curves = ([{**r, "archived_in": str(path)} for r in record[key] if r["seed"] == seed
+                          and variant(r["method"], settings["tag"]) == variant(method, getattr(a, "tag", ""))]
+                         for key in ("final", "curves"))
         if final:
             return final, curves
     return [], []

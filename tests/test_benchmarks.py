@@ -125,6 +125,15 @@ def test_a_report_reads_runs_whose_folders_are_gone_from_the_archive(ablation, t
     assert pick[("ladder-ot", "online", 2)]["fd"] == pytest.approx(270.0)
     md = report.with_suffix(".md").read_text()
     assert f"read from {archive}: ilct, slct" in md
+    # a variant's runs by either name (a --tag call names them plainly); not the plain runs of the same method
+    tagged = _args(tag="budget", archive=[str(archive)])
+    (tmp_path / "results" / "tagged.json").write_text(json.dumps(
+        {**after, "meta": {**after["meta"], "settings": {**after["meta"]["settings"], "tag": "budget"}}}))
+    from_tagged = _args(archive=[str(tmp_path / "results" / "tagged.json")])
+    assert ablation.archived(tagged, "ilct", 0) == ([], []) and ablation.archived(tagged, "ilct@budget", 0) == ([], [])
+    assert ablation.archived(from_tagged, "ilct", 0) == ([], [])
+    assert ablation.archived(from_tagged, "ilct@budget", 0)[0]
+    assert ablation.archived(_args(tag="budget", archive=from_tagged.archive), "ilct", 0)[0]
     # an archive of another length is not read
     assert ablation.archived(_args(steps=200, archive=[str(archive)]), "ilct", 0) == ([], [])
 
