@@ -29,14 +29,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-# every variant spells out all four settings, so a run means the same whatever the preset holds today
-AUTHORS = ["objective.min_stage_steps=0", "objective.s1=640", "optim.decoupled_weight_decay=false",
-           "optim.decay_norms_and_biases=true"]
-BUDGET = ["objective.min_stage_steps=125", "objective.s1=640", "optim.decoupled_weight_decay=true",
-          "optim.decay_norms_and_biases=false"]
-VARIANTS = {"authors": AUTHORS, "budget": BUDGET, "budget-n81": [*BUDGET[:1], "objective.s1=80", *BUDGET[2:]]}
 sys.path.insert(0, str(HERE))
-from common import load_sibling, machine  # noqa: E402
+from common import SETTINGS, load_sibling, machine, overrides  # noqa: E402
+
+VARIANTS = {name: overrides(name) for name in SETTINGS}  # common.SETTINGS: all four settings spelled out
 
 ablation = load_sibling("ablation")  # sh(), slct(), mean_sd() and the seed rule for verdicts
 

@@ -34,19 +34,25 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import overrides  # noqa: E402
+
+
+def sets(variant: str) -> list[str]:
+    """common.SETTINGS' variant as ablation.py arguments (all four settings spelled out)."""
+    return [x for s in overrides(variant) for x in ("--set", s)]
+
+
 # the budget settings: eq. 10's stages at least 125 steps long (no change at K = 2,000, where they are 285), RAdam's
 # weight decay decoupled from the learning rate and off for norm and bias parameters (docs/training.md)
-BUDGET_SETS = ["--set", "objective.min_stage_steps=125", "--set", "optim.decoupled_weight_decay=true",
-               "--set", "optim.decay_norms_and_biases=false"]
-BUDGET = ["--tag", "budget", *BUDGET_SETS]
+BUDGET = ["--tag", "budget", *sets("budget")]
 # the authors' settings spelled out (eq. 10's stages, RAdam's coupled decay on every tensor), so the plain rows mean
 # the same whatever the utkface64 preset holds when they train
-AUTHORS = ["--set", "objective.min_stage_steps=0", "--set", "optim.decoupled_weight_decay=false",
-           "--set", "optim.decay_norms_and_biases=true"]
+AUTHORS = sets("authors")
 # ... and eq. 10's doubling stopped at N = 81 (s1 = 80: four stages of K/4 steps). In the 3-seed 2,000-step budget
 # runs both methods' 1-step FD was lowest at step 1,000 (N = 81) or 500 and worse by step 2,000 (N = 641): does
 # stopping the doubling there keep the gain, and would it suit the short-run presets?
-N81 = ["--tag", "budget-n81", *BUDGET_SETS, "--set", "objective.s1=80"]
+N81 = ["--tag", "budget-n81", *sets("budget-n81")]
 SCORING = ["--n-eval", "1000", "--curve-n", "500", "--weights", "rampup", "online"]
 SEEDS = (0, 1, 2)
 # the committed reports: a run they hold is done, even where its folder in --work is gone (rows are read from them)

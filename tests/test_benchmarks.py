@@ -20,6 +20,15 @@ def ablation():
     return module
 
 
+def _module(name: str):
+    """A benchmark script as a module (they are files, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"slct_bench_{name}_t", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _args(**kw) -> argparse.Namespace:
     base = dict(resolution=64, holdout=10, steps=100, seeds=[0, 1, 2], weights=["rampup", "online"], n_eval=50,
                 curve_n=20, curve_every=50, curves=["ilct", "slct"], note="fake runs", tag="", sets=[], archive=[])
@@ -226,6 +235,13 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
     from slct.config import ObjectiveConfig, OptimConfig, load_config
 
     pinned = load_config("slct", "utkface64", sets=study.AUTHORS[1::2])  # the paper's values, the dataclass defaults
+    assert pinned.objective.s1 == ObjectiveConfig().s1 == 640
+    # one table of settings for both studies (benchmarks/common.py), so UTKFace's and the demo's variants agree
+    common = _module("common")
+    assert study.AUTHORS[1::2] == common.overrides("authors") == _module("digits").VARIANTS["authors"]
+    tagged = [p.parse_args(["--work", "/w", *args]) for lane in study.lanes() for args in lane]
+    for tag in ("budget", "budget-n81"):
+        assert {tuple(a.sets) for a in tagged if a.tag == tag} == {tuple(common.overrides(tag))}
     assert pinned.objective.min_stage_steps == ObjectiveConfig().min_stage_steps == 0
     assert (pinned.optim.decoupled_weight_decay, pinned.optim.decay_norms_and_biases) == (
         OptimConfig().decoupled_weight_decay, OptimConfig().decay_norms_and_biases) == (False, True)
