@@ -455,11 +455,16 @@ def run_stages(a, methods: list[str]) -> None:
     print(f"stages done in {(time.time() - t0) / 60:.1f} min")
 
 
+def check(p: argparse.ArgumentParser, a) -> None:
+    """What the parser alone cannot say: overrides change the runs, so they need a variant name."""
+    if a.sets and not a.tag:
+        p.error("--set changes the runs: name the variant with --tag")
+
+
 def main() -> None:
     p = parser()
     a = p.parse_args()
-    if a.sets and not a.tag:
-        p.error("--set changes the runs: name the variant with --tag")
+    check(p, a)
     methods = [m for name in a.methods for m in GROUPS.get(name, [name])]
     run_stages(a, methods)
     if "report" in a.stage:

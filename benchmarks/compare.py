@@ -88,8 +88,7 @@ def main() -> None:
     p.add_argument("--speed-steps", type=int, default=16, help="steps per method for the speed stage")
     p.add_argument("--speed-batch", type=int, default=64, help="batch of the speed stage")
     a = p.parse_args()
-    if a.sets and not a.tag:
-        p.error("--set changes the runs: name the variant with --tag")
+    ablation.check(p, a)
     methods = [m for name in a.methods for m in ablation.GROUPS.get(name, [name])]
     ablation.run_stages(a, methods)
     speed_file = ablation.RESULTS / "compare-speed-cpu.json"

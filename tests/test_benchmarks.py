@@ -223,24 +223,25 @@ def test_study_runs_each_run_once_and_every_command_parses(ablation):
         for args in lane:
             a = p.parse_args(["--work", "/w", *args])
             assert len(a.methods) == 1 and len(a.seeds) == 1 and a.stage == ["train", "eval"]
-            # overrides always under their variant's name, but for the plain rows' pins of the authors' settings
-            assert bool(a.sets) == bool(a.tag) or a.sets == study.AUTHORS[1::2]
+            ablation.check(p, a)  # as ablation.py's main does: overrides only under their variant's name
+            assert bool(a.sets) == bool(a.tag)
             runs.append(ablation.run_dir(a, Path("/w"), a.methods[0], a.seeds[0]).name)
     assert len(runs) == len(set(runs))
     expected = {f"{m}-budget-2000steps-seed{s}" for m in ("ilct", "slct", "slct-calibrated-c", "ldm")
                 for s in (0, 1, 2)}
-    expected |= {f"{m}-{v}2000steps-seed{s}" for m in ("ilct", "slct") for v in ("", "budget-n81-") for s in (0, 1, 2)}
+    expected |= {f"{m}-{v}-2000steps-seed{s}" for m in ("ilct", "slct") for v in ("authors", "budget-n81")
+                 for s in (0, 1, 2)}
     expected |= {f"{m}-budget-500steps-seed{s}" for m in study.RUNGS for s in (0, 1, 2)}
     assert set(runs) == expected
     from slct.config import ObjectiveConfig, OptimConfig, load_config
 
-    pinned = load_config("slct", "utkface64", sets=study.AUTHORS[1::2])  # the paper's values, the dataclass defaults
+    pinned = load_config("slct", "utkface64", sets=study.AUTHORS[3::2])  # the paper's values, the dataclass defaults
     assert pinned.objective.s1 == ObjectiveConfig().s1 == 640
     # one table of settings for both studies (benchmarks/common.py), so UTKFace's and the demo's variants agree
     common = _module("common")
-    assert study.AUTHORS[1::2] == common.overrides("authors") == _module("digits").VARIANTS["authors"]
+    assert study.AUTHORS[3::2] == common.overrides("authors") == _module("digits").VARIANTS["authors"]
     tagged = [p.parse_args(["--work", "/w", *args]) for lane in study.lanes() for args in lane]
-    for tag in ("budget", "budget-n81"):
+    for tag in ("authors", "budget", "budget-n81"):
         assert {tuple(a.sets) for a in tagged if a.tag == tag} == {tuple(common.overrides(tag))}
     assert pinned.objective.min_stage_steps == ObjectiveConfig().min_stage_steps == 0
     assert (pinned.optim.decoupled_weight_decay, pinned.optim.decay_norms_and_biases) == (
