@@ -93,14 +93,16 @@ def lanes() -> tuple[list[list[str]], list[list[str]]]:
 
 HOW_RUN = ("Each run trained in one single-threaded process (OMP_NUM_THREADS=1), two side by side on the 2-core "
            "CPU (benchmarks/study.py, in slices over several sessions; a stopped run resumes bitwise from its "
-           "checkpoint). ")
+           "checkpoint). Training times are per machine: the later rows (the 500-step ladder-ot and ladder-adaptive-c, "
+           "the 2,000-step @authors rows) trained on a 2-core Intel Xeon at ~0.5 s per sLCT step, the earlier ones "
+           "on a 2-core AMD EPYC at ~1.4 s. ")
 NOTE_2000 = (HOW_RUN + "48-57 min of training per 2,000-step run (ldm ~40). 2,000 steps at batch 64 are 128,000 "
              "images (7 epochs). At K = 2,000 eq. 10 already gives stages of 285 steps, so min_stage_steps=125 "
              "changes nothing and the @budget rows differ from the authors' settings (the @authors rows) in weight "
              "decay only: decoupled from the learning rate, none on norms and biases. Rows with fewer than 3 seeds "
              "are still being trained by python benchmarks/study.py --work /tmp/study (re-running continues, "
              "--report rewrites this file).")
-NOTE_500 = (HOW_RUN + "9-25 min of training per run (the first rows beside development work). 500 steps at batch "
+NOTE_500 = (HOW_RUN + "4-25 min of training per run (the first rows beside development work). 500 steps at batch "
             "64 are 32,000 images (1.7 epochs), about 0.08% of the paper's training images. The plain ilct/slct "
             "rows keep eq. 10's stages (71 steps each at K = 500), eq. 11's c and RAdam's coupled weight decay on "
             "every tensor (the authors' settings; lr 1e-3 and the ramp-up EMA are the only short-run changes); the "
