@@ -24,7 +24,8 @@ Every stage is a plain `slct` command (printed before it runs), so each number c
 
 Each stage skips what is already done. Runs live in ``--work``/runs/METHOD[-TAG]-STEPSsteps-seedS (default --work
 /tmp/slct-ablation), outside the repo. Two single-threaded invocations with different ``--seeds`` side by side use
-a 2-core machine best (``OMP_NUM_THREADS=1``).
+a 2-core machine best (``OMP_NUM_THREADS=1``). ``--archive REPORT.json ...`` names committed reports whose runs'
+folders are gone: a run they hold counts as done (not trained or scored again) and its rows are read from there.
 """
 
 from __future__ import annotations
