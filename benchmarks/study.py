@@ -96,23 +96,22 @@ HOW_RUN = ("Each run trained in one single-threaded process (OMP_NUM_THREADS=1),
            "checkpoint). Training times are per machine: the later rows (the 500-step ladder-ot and ladder-adaptive-c, "
            "the 2,000-step @authors rows) trained on a 2-core Intel Xeon at ~0.5 s per sLCT step, the earlier ones "
            "on a 2-core AMD EPYC at ~1.4 s. ")
-NOTE_2000 = (HOW_RUN + "48-57 min of training per 2,000-step run (ldm ~40). 2,000 steps at batch 64 are 128,000 "
-             "images (7 epochs). At K = 2,000 eq. 10 already gives stages of 285 steps, so min_stage_steps=125 "
-             "changes nothing and the @budget rows differ from the authors' settings (the @authors rows) in weight "
-             "decay only: decoupled from the learning rate, none on norms and biases. Rows with fewer than 3 seeds "
-             "are still being trained by python benchmarks/study.py --work /tmp/study (re-running continues, "
-             "--report rewrites this file).")
+NOTE_2000 = (HOW_RUN + "16-21 min (Xeon) or 47-60 min (EPYC; ldm ~40) of training per 2,000-step run. 2,000 "
+             "steps at batch 64 are 128,000 images (7 epochs). At K = 2,000 eq. 10 already gives stages of 285 "
+             "steps, so min_stage_steps=125 changes nothing and the @budget rows differ from the authors' settings "
+             "(the @authors rows) in weight decay only: decoupled from the learning rate, none on norms and biases. "
+             "Rows with fewer than 3 seeds are still being trained by python benchmarks/study.py --work /tmp/study "
+             "(re-running continues, --report rewrites this file).")
 NOTE_500 = (HOW_RUN + "4-25 min of training per run (the first rows beside development work). 500 steps at batch "
             "64 are 32,000 images (1.7 epochs), about 0.08% of the paper's training images. The plain ilct/slct "
             "rows keep eq. 10's stages (71 steps each at K = 500), eq. 11's c and RAdam's coupled weight decay on "
-            "every tensor (the authors' settings, then the utkface64 preset's; lr 1e-3 and the ramp-up EMA are the only "
-            "short-run changes; now the preset holds the budget settings, so training them again takes --tag authors "
-            "and benchmarks/common.py's SETTINGS['authors']); the "
-            "@budget rows (the ladder's middle rungs among them) train with --tag budget --set "
-            "objective.min_stage_steps=125 --set optim.decoupled_weight_decay=true --set "
-            "optim.decay_norms_and_biases=false (4 stages of 125 steps ending at N = 81, decay decoupled and off "
-            "for norms and biases). Only ilct and slct were scored with the 0.999 EMA; ldm's online weights with "
-            "seed 1 only, with its 35-NFE Heun sampler.")
+            "every tensor (the authors' settings, then the utkface64 preset's; lr 1e-3 and the ramp-up EMA are "
+            "the only short-run changes; the preset now holds the budget settings, so training them again takes "
+            "--tag authors and benchmarks/common.py's SETTINGS['authors']); the @budget rows (the ladder's middle "
+            "rungs among them) train with --tag budget --set objective.min_stage_steps=125 --set "
+            "optim.decoupled_weight_decay=true --set optim.decay_norms_and_biases=false (4 stages of 125 steps "
+            "ending at N = 81, decay decoupled and off for norms and biases). Only ilct and slct were scored with "
+            "the 0.999 EMA; ldm's online weights with seed 1 only, with its 35-NFE Heun sampler.")
 
 
 def reports(work: str) -> list[list[str]]:
@@ -125,11 +124,11 @@ def reports(work: str) -> list[list[str]]:
     return [["--work", work, "--stem", "ablation-utkface64-2000steps-3seeds", "--methods", *at2000, "--seeds",
              *map(str, SEEDS), "--steps", "2000",
              "--curve-every", "500", "--curves", "ilct@budget", "slct@budget", "slct-calibrated-c@budget",
-             "slct@budget-n81", *SCORING,
+             "slct@budget-n81", "ilct@authors", "slct@authors", *SCORING,
              "--stage", "report", "--compare", "slct@budget:ilct@budget", "slct-calibrated-c@budget:slct@budget",
              "slct-calibrated-c@budget:ilct@budget", "slct@budget-n81:slct@budget", "ilct@budget-n81:ilct@budget",
-             "slct@budget-n81:ilct@budget-n81", "slct@authors:ilct@authors", "ilct@budget:ilct@authors",
-             "slct@budget:slct@authors",
+             "slct@budget-n81:ilct@budget-n81", "slct@authors:ilct@authors", "ilct@authors:slct@authors",
+             "ilct@budget:slct@budget", "ilct@budget:ilct@authors", "slct@budget:slct@authors",
              *ARCHIVE, "--note", NOTE_2000],
             ["--work", work, "--methods", *at500, "--seeds", *map(str, SEEDS), "--steps", "500", "--curve-every",
              "250", "--curves", "ilct", "slct", "--n-eval", "1000", "--curve-n", "500", "--weights", "rampup",
