@@ -180,7 +180,7 @@ def archived(a, method: str, seed: int) -> tuple[list[dict], list[dict]]:
         if settings["steps"] != a.steps:
             continue
         final, curves = ([{**r, "archived_in": str(path)} for r in record[key] if r["seed"] == seed
-                          and variant(r["method"], settings["tag"]) == variant(method, getattr(a, "tag", ""))]
+                          and variant(r["method"], settings["tag"]) == variant(method, a.tag)]
                          for key in ("final", "curves"))
         if final:
             return final, curves
@@ -447,8 +447,9 @@ def run_stages(a, methods: list[str]) -> None:
     ref = stage_ref(a, work) if "ref" in a.stage else work / f"ref-utk{a.resolution}-holdout{a.holdout}-mobilenetv2.npz"
     for seed in a.seeds:
         for method in methods:
-            if not run_dir(a, work, method, seed).exists() and archived(a, method, seed)[0]:
-                print(f"{method} seed {seed}: done, in the archive ({archived(a, method, seed)[0][0]['archived_in']})")
+            old_final = [] if run_dir(a, work, method, seed).exists() else archived(a, method, seed)[0]
+            if old_final:
+                print(f"{method} seed {seed}: done, in the archive ({old_final[0]['archived_in']})")
                 continue
             done = stage_train(a, work, data, method, seed) if "train" in a.stage else True
             if done and "eval" in a.stage:

@@ -20,7 +20,7 @@ one ``ablation.py --methods M --seeds S`` invocation; runs and evals already don
 resumes from its last checkpoint, so the study runs in slices of whatever length a session has. A run the
 committed reports (``ARCHIVE``) hold is done even when its folder is gone (a wiped /tmp): it is not trained again
 and the reports read its rows from there. One 2,000-step
-run takes ~55 min of one core here (``ldm`` ~40), a 500-step run ~14 min, plus ~6 min of scoring.
+run takes 16-60 min of one core (by machine; the reports' notes), a 500-step run 4-25 min, plus ~6 min of scoring.
 """
 
 from __future__ import annotations

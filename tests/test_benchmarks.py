@@ -11,22 +11,18 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def ablation():
-    spec = importlib.util.spec_from_file_location("slct_bench_ablation", BENCHMARKS / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _module(name: str):
     """A benchmark script as a module (they are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"slct_bench_{name}_t", BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"slct_bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    return _module("ablation")
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -176,10 +172,7 @@ def test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu(tmp_path):
 
 
 def test_compare_report_puts_every_method_against_slct_and_the_speed_target(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("slct_bench_compare", BENCHMARKS / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = compare
-    spec.loader.exec_module(compare)
+    compare = _module("compare")
     monkeypatch.setattr(compare.ablation, "RESULTS", tmp_path / "results")
     a = _args(curves=[])
     fds = {"slct": [250.0, 255.0, 260.0], "meanflow": [200.0, 202.0, 204.0], "shortcut": [240.0, 260.0, 280.0]}
@@ -214,9 +207,7 @@ def test_compare_report_puts_every_method_against_slct_and_the_speed_target(tmp_
 def test_study_runs_each_run_once_and_every_command_parses(ablation):
     """benchmarks/study.py (issue 13's study in slices): every run is one ablation.py call its parser takes, no run
     is in both lanes or twice, and the reports name every method they compare."""
-    spec = importlib.util.spec_from_file_location("slct_bench_study", BENCHMARKS / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = _module("study")
     p = ablation.parser()
     runs = []
     for lane in study.lanes():
@@ -298,9 +289,7 @@ def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3
     from slct.cli import build_parser
     from slct.config import load_config
 
-    spec = importlib.util.spec_from_file_location("slct_bench_digits", BENCHMARKS / "digits.py")
-    digits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(digits)
+    digits = _module("digits")
     monkeypatch.setattr(digits, "RESULTS", tmp_path / "results")
     a = digits.parser().parse_args(["--work", str(tmp_path), "--steps", "100", "--stage", "report"])
     for variant in digits.VARIANTS:
