@@ -165,10 +165,10 @@ def test_diverging_library_call_raises_and_rollbacks_are_capped(tmp_path):
 
 
 def test_progress_bar_rewinds_on_rollback(tmp_path):
-    from slct.training import TrainState, _Logger
+    from slct.training import Monitor, TrainState
 
     cfg = tiny_cfg(10)
-    logger = _Logger(tmp_path, cfg, None, True, "bar", start=0, total=10)
+    logger = Monitor(tmp_path, cfg, None, True, "bar", start=0, total=10)
     try:
         for _ in range(7):
             logger.bar.update(1)
@@ -281,12 +281,12 @@ def test_first_errors_people_meet_are_one_clear_line(tmp_path, capsys):
 
 
 def test_a_start_that_fails_after_creating_the_run_folder_removes_it(tmp_path, monkeypatch):
-    import slct.training as training
+    from slct.training import rundir
 
     def fail(*args, **kwargs):
         raise checkpoint.SaveError("no space left on X while writing checkpoint 0", disk_full=True)
 
-    monkeypatch.setattr(training, "_save_checkpoint", fail)
+    monkeypatch.setattr(rundir, "save_checkpoint", fail)
     with pytest.raises(checkpoint.SaveError):
         train(tiny_cfg(4), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

@@ -34,6 +34,8 @@ _EXPORTS: dict[str, str] = {
     "MeanFlowObjective": "slct.objectives",
     "ShortcutObjective": "slct.objectives",
     "build_objective": "slct.objectives",
+    "Objective": "slct.objectives",
+    "register_objective": "slct.objectives",
     "FlowModel": "slct.precond",
     # networks (REFERENCE.md [6])
     "build_network": "slct.nn",

@@ -334,9 +334,9 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
 
 def _refuse_flow(kind: str, path) -> None:
     """The TD analysis measures a consistency function f(x, sigma) (paper section 4.1); flow models have none."""
-    from slct.precond import FLOW_KINDS
+    from slct.precond import is_flow
 
-    if kind in FLOW_KINDS:
+    if is_flow(kind):
         raise ValueError(f"{path} is a {kind} model: the TD analysis measures consistency pairs f(x, sigma) (paper "
                          "section 4.1), which an average-velocity model does not define; analyze its latents without "
                          "--checkpoint, or a consistency run's checkpoint")

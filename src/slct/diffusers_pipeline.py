@@ -94,9 +94,12 @@ class SLCTScheduler(SchedulerMixin, ConfigMixin):
         from slct.sigmas import karras_sigmas
 
         c = self.config
-        if c.kind in ("meanflow", "shortcut"):
+        from slct.precond import parameterisation
+
+        wrapper = parameterisation(c.kind)
+        if wrapper == "flow":
             return [1 - i / num_inference_steps for i in range(num_inference_steps)]
-        if c.kind == "edm":
+        if wrapper == "edm":
             steps = num_inference_steps if c.ldm_solver == "euler" else (num_inference_steps + 1) // 2
             return karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho).double().flip(0).tolist()
         return consistency_sigmas(num_inference_steps, c.sigma_max, c.sigma_mid, c.sigma_min, rho=c.rho)

@@ -20,9 +20,9 @@ def network_kwargs(cfg, latent_shape: tuple[int, ...], num_classes: int) -> dict
                              f"{tuple(latent_shape)} (needs {key}={wanted})")
         kwargs[key] = wanted
     kwargs["label_dim"] = num_classes
-    from slct.precond import FLOW_KINDS
+    from slct.precond import is_flow
 
-    if cfg.objective.kind in FLOW_KINDS:  # MeanFlow's interval / Shortcut's step size: a second time input
+    if is_flow(cfg.objective.kind):  # MeanFlow's interval / Shortcut's step size: a second time input
         kwargs["second_time"] = True
     from slct.nn import follow_resolution
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["FLOW_KINDS", "FlowModel", "PRECOND_KINDS", "Precond", "PrecondModel", "wrap_network"]
+__all__ = ["FlowModel", "PRECOND_KINDS", "Precond", "PrecondModel", "is_flow", "parameterisation", "wrap_network"]
 
 Sigma = torch.Tensor | float
 
@@ -110,8 +110,20 @@ class PrecondModel(torch.nn.Module):
         return p.c_skip(s) * x + p.c_out(s) * out.to(dtype)
 
 
-# objectives trained in the flow parameterisation (MeanFlow, Shortcut): the network predicts an average velocity
-FLOW_KINDS: tuple[str, ...] = ("meanflow", "shortcut")
+def parameterisation(kind: str) -> str:
+    """How an objective of ``kind`` wraps its network: "consistency" or "edm" (a :class:`Precond` of that kind) or
+    "flow" (:class:`FlowModel`: MeanFlow, Shortcut, whose network predicts an average velocity and takes a second
+    time input). Each objective class declares it (``precond_kind``); this looks it up in the objective registry."""
+    from slct.objectives import OBJECTIVES  # objectives build on this module: looked up when called
+
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective kind {kind!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[kind].precond_kind
+
+
+def is_flow(kind: str) -> bool:
+    """An objective trained in the flow parameterisation (see :func:`parameterisation`)."""
+    return parameterisation(kind) == "flow"
 
 
 class FlowModel(torch.nn.Module):
@@ -148,6 +160,7 @@ class FlowModel(torch.nn.Module):
 
 def wrap_network(net: torch.nn.Module, kind: str, sigma_data: float = 0.5, sigma_min: float = 0.002):
     """The backbone inside the parameterisation its objective trains (a registry of kinds, not a chain of ifs)."""
-    if kind in FLOW_KINDS:
+    wrapper = parameterisation(kind)
+    if wrapper == "flow":
         return FlowModel(net)
-    return PrecondModel(net, Precond(sigma_data=sigma_data, sigma_min=sigma_min, kind=kind))
+    return PrecondModel(net, Precond(sigma_data=sigma_data, sigma_min=sigma_min, kind=wrapper))

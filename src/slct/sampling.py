@@ -25,7 +25,7 @@ from slct import __version__, checkpoint
 from slct.checkpoint import SNAPSHOT_FORMAT
 from slct.data.labels import resolve_class
 from slct.nn.layers import label_features
-from slct.precond import FLOW_KINDS
+from slct.precond import parameterisation
 from slct.sigmas import karras_sigmas
 
 
@@ -210,10 +210,11 @@ def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, object
         class_labels = class_labels.to(device)
     if guidance != 1:
         model = Guided(model, guidance)
-    if objective_cfg.kind in FLOW_KINDS:
+    wrapper = parameterisation(objective_cfg.kind)  # the sampler follows the parameterisation
+    if wrapper == "flow":
         (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
         return flow_sample(model, z, nfe, class_labels)
-    if objective_cfg.kind == "edm":
+    if wrapper == "edm":
         (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
         steps = nfe if sampling_cfg.ldm_solver == "euler" else (nfe + 1) // 2
         return edm_sample(model, z, steps, objective_cfg.sigma_min, objective_cfg.sigma_max, objective_cfg.rho,
@@ -225,13 +226,11 @@ def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, object
 
 
 def default_nfe(objective_cfg, sampling_cfg) -> list[int]:
-    """The step counts worth reporting: 1 and 2 for consistency models and MeanFlow, 1, 2 and 4 for shortcut models,
-    the solver's NFE for ldm."""
-    if objective_cfg.kind == "shortcut":
-        return [1, 2, 4]
-    if objective_cfg.kind == "edm":
-        return [2 * sampling_cfg.ldm_steps - 1 if sampling_cfg.ldm_solver == "heun" else sampling_cfg.ldm_steps]
-    return [1, 2]
+    """The step counts worth reporting (each objective says: 1 and 2 for consistency models and MeanFlow, 1, 2 and 4
+    for shortcut models, the solver's NFE for ldm)."""
+    from slct.objectives import OBJECTIVES
+
+    return OBJECTIVES[objective_cfg.kind].report_nfe(sampling_cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""sLCT's consistency-training objective (iCT with mu = 0) plus the small-noise diffusion loss (REFERENCE.md [2]-[4];
+paper section 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slct.curriculum import (C_SCHEDULES, CALIBRATED, c_schedule, diffusion_loss_mask, num_scales,
+                             sample_timestep_indices)
+from slct.losses import LOSSES, robust_loss
+from slct.objectives.base import (LossTerms, Objective, check_choice, check_finite, check_int,
+                                  check_positive, check_seed, draw_seed, per_sample, register_objective, seeded_rng)
+from slct.sigmas import ct_weight, karras_sigmas
+
+# diffusion-loss weighting: name -> (sigma, sigma_data) -> per-sample weight (REFERENCE.md [4])
+DIFFUSION_WEIGHTINGS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "edm": lambda sigma, sigma_data: 1 / sigma**2 + 1 / sigma_data**2,  # authors' code (EDM's lambda)
+    "none": lambda sigma, sigma_data: torch.ones_like(sigma),  # paper eq. 9 as printed
+}
+
+# which pass the diffusion loss uses: the online one at t_{i+1}, or an extra one at t_i
+DIFFUSION_SIGMAS: tuple[str, ...] = ("hi", "lo")
+
+
+@dataclass
+class ConsistencyFields:
+    """The consistency objective's constants (``[n]`` = REFERENCE.md section). Defaults: the sLCT recipe; where
+    paper and released code differ the default follows the code, except ``c_schedule`` (paper eq. 11)."""
+
+    p_mean: float = -1.1  # lognormal timestep distribution: mean of ln sigma [2]
+    p_std: float = 2.0  # ... and its std [2]
+    s0: int = 10  # curriculum: initial number of intervals, N = s0 + 1 (eq. 10) [2]
+    s1: int = 640  # curriculum: final number of intervals (iCT's CIFAR-10: 1280) [2]
+    min_stage_steps: int = 0  # curriculum stages last at least this long (fewer stages in short runs); 0 = eq. 10
+    loss: str = "cauchy"  # robust distance, a key of slct.losses.LOSSES (eqs. 6-8) [3]
+    c_schedule: str = "adaptive"  # "adaptive" (eq. 11) | "adaptive-code" | "fixed" (iCT) | "calibrated" [3]
+    c_calibration_quantile: float = 0.5  # "calibrated": this quantile of r sits at the knee r/(2c^2) = 1
+    c_calibration_batches: int = 4  # "calibrated": batches measured (no gradients) at each stage start
+    c0: float | None = None  # iCT's fixed c; None -> 0.00054 sqrt(elements per sample) [3]
+    diffusion_r: float = 0.25  # diffusion loss on the smallest-sigma fraction r of the grid; 0 = off [4]
+    diffusion_weight: float = 5.0  # its weight w (authors' code: 5; paper form: 1) [4]
+    diffusion_weighting: str = "edm"  # "edm": x (1/s^2 + 1/sd^2) (code) | "none" (paper) [4]
+    diffusion_sigma: str = "hi"  # "hi": reuse the online pass at t_{i+1} (code) | "lo": extra pass at t_i (paper) [4]
+
+
+def validate_consistency(cfg) -> None:
+    check_choice("loss", cfg.loss, LOSSES)
+    check_choice("c_schedule", cfg.c_schedule, {*C_SCHEDULES, CALIBRATED})
+    if not 0 < cfg.c_calibration_quantile < 1 or cfg.c_calibration_batches < 1:
+        raise ValueError("c_calibration_quantile must be in (0, 1) and c_calibration_batches >= 1")
+    check_choice("diffusion_weighting", cfg.diffusion_weighting, DIFFUSION_WEIGHTINGS)
+    check_choice("diffusion_sigma", cfg.diffusion_sigma, DIFFUSION_SIGMAS)
+    for name in ("p_std", "diffusion_weight"):
+        check_positive(name, getattr(cfg, name), allow_zero=name == "diffusion_weight")
+    check_finite("p_mean", cfg.p_mean)
+    for name, minimum in (("s0", 1), ("s1", cfg.s0), ("min_stage_steps", 0)):
+        check_int(name, getattr(cfg, name), minimum)
+    if cfg.c0 is not None:
+        check_positive("c0", cfg.c0)
+    check_finite("diffusion_r", cfg.diffusion_r)
+    if not 0 <= cfg.diffusion_r <= 1:
+        raise ValueError(f"diffusion_r must be in [0, 1] (0 disables the diffusion loss), got {cfg.diffusion_r}")
+
+
+def check_indices(indices, batch: int, n_scales: int) -> torch.Tensor:
+    """Validated lower indices as an int64 CPU tensor of shape (B,)."""
+    integer = isinstance(indices, torch.Tensor) and not indices.dtype.is_floating_point and indices.dtype != torch.bool
+    if not integer or indices.shape != (batch,):
+        shape = getattr(indices, "shape", indices)
+        raise ValueError(f"indices must be an integer tensor of shape ({batch},), got {shape!r}")
+    index = indices.to("cpu", torch.int64)
+    if batch and not (0 <= int(index.min()) and int(index.max()) <= n_scales - 2):
+        raise ValueError(f"indices must lie in [0, {n_scales - 2}] for N = {n_scales} grid points")
+    return index
+
+
+@register_objective("consistency", ConsistencyFields, validate_consistency)
+class ConsistencyObjective(Objective):
+    """sLCT's consistency-training loss (iCT with mu = 0) plus the small-noise diffusion loss.
+
+    Per call, for a batch ``x0`` of shape ``(B, ...)`` at training step ``step``:
+
+    1. ``N = num_scales(step)`` (eq. 10), ``c = c_schedule(N)`` (eq. 11 or variants);
+    2. noise ``z``: ``noise`` as given (already coupled by the caller), else drawn and re-paired
+       by ``cfg.coupling`` (OT, [5]) before anything else is drawn;
+    3. lower indices ``i`` from the discrete lognormal [2]; ``x_hi = x0 + t_{i+1} z`` through the
+       online pass (with grad), ``x_lo = x0 + t_i z`` through the same model under no_grad
+       (the target, mu = 0), both with the same dropout mask;
+    4. ``consistency_i = lambda(t_i) d(f(x_hi), f(x_lo))``, ``lambda = 1 / (t_{i+1} - t_i)``;
+    5. ``diffusion_i = w * weighting_i * mse_i * mask_i * B / max(n_selected, 1)`` on the
+       smallest-sigma fraction r of the grid (eq. 9), so ``total.mean()`` is the batch-mean
+       consistency loss plus w times the mean diffusion term over the selected samples —
+       the authors' reduction; an empty selection contributes exactly 0.
+
+    RNG draws per call, in order: noise (unless given), indices, one dropout seed. A data
+    pipeline may pre-draw all three (``noise``, ``indices``, ``dropout_seed``), e.g. for the
+    global batch from a per-step generator; the objective then draws nothing.
+    """
+
+    precond_kind = "consistency"
+
+    @staticmethod
+    def draw_times(cfg, step: int, total_steps: int, batch: int, generator) -> torch.Tensor:
+        """Lower grid indices (B,) from the discrete lognormal at this step's N (eq. 10, [2])."""
+        n = num_scales(step, total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
+        return sample_timestep_indices(n, batch, cfg.p_mean, cfg.p_std, generator=generator,
+                                       sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+        """``indices``: lower indices in ``[0, N - 2]``."""
+        cfg = self.cfg
+        device, batch = x0.device, x0.shape[0]
+        n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
+        if c is None:
+            if cfg.c_schedule == CALIBRATED:
+                raise ValueError("c_schedule 'calibrated' needs the c measured at the stage start: pass c=... "
+                                 "(slct.training does)")
+            c = c_schedule(cfg.c_schedule, n_scales, x0[0].numel(), cfg.s0, c0=cfg.c0)
+
+        # indices, grid and weights stay on the CPU in float64: no device sync for the stats
+        grid = dict(sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
+        if indices is None:
+            indices = sample_timestep_indices(n_scales, batch, cfg.p_mean, cfg.p_std, generator, **grid)
+        index = check_indices(indices, batch, n_scales)
+        sigmas = karras_sigmas(n_scales, **grid)
+        sigma_lo, sigma_hi = sigmas[index], sigmas[index + 1]
+        weight = ct_weight(sigma_lo, sigma_hi)
+        selected = diffusion_loss_mask(index, n_scales, cfg.diffusion_r)
+        n_selected = int(selected.sum())
+        stats = {
+            "n_scales": float(n_scales),
+            "c": c,
+            "mean_sigma": float(sigma_hi.mean()),
+            "mean_weight": float(weight.mean()),
+            "diffusion_fraction": n_selected / batch,
+        }
+        sigma_lo, sigma_hi, weight = (t.to(device, x0.dtype) for t in (sigma_lo, sigma_hi, weight))
+
+        seed = draw_seed(generator) if dropout_seed is None else check_seed(dropout_seed)
+        with seeded_rng(seed, device):
+            online = model(x0 + per_sample(sigma_hi, x0) * z, sigma_hi, labels)
+        with torch.no_grad(), seeded_rng(seed, device):
+            target = model(x0 + per_sample(sigma_lo, x0) * z, sigma_lo, labels)
+        online = online.to(x0.dtype)
+        target = target.detach().to(x0.dtype)
+        consistency = weight * robust_loss(cfg.loss, online, target, c, cfg.loss_reduction)
+        r = robust_loss("l2", online.detach(), target, reduction=cfg.loss_reduction)  # the r of eqs. 6-8
+
+        diffusion = torch.zeros_like(consistency)
+        if n_selected > 0 and cfg.diffusion_weight > 0:
+            rows = selected.nonzero().squeeze(1).to(device)
+            term = self._diffusion_term(model, x0, z, labels, rows, online, sigma_lo, sigma_hi, seed)
+            diffusion = diffusion.index_put((rows,), cfg.diffusion_weight * term * (batch / n_selected))
+        return LossTerms(consistency, diffusion, consistency + diffusion, stats, sigmas[index + 1], r)
+
+    def _diffusion_term(self, model, x0, z, labels, rows, online, sigma_lo, sigma_hi, seed) -> torch.Tensor:
+        """``weighting * mse`` of the selected ``rows``, shape ``(len(rows),)`` (eq. 9, [4])."""
+        cfg = self.cfg
+        if cfg.diffusion_sigma == "hi":  # authors' code: the online pass at t_{i+1}, no extra cost
+            pred, sigma = online[rows], sigma_hi[rows]
+        else:  # paper eq. 9 as printed: f(x_{t_i}, t_i), one extra online pass on the selected rows
+            sigma = sigma_lo[rows]
+            sub_labels = labels[rows.to(labels.device)] if labels is not None else None
+            with seeded_rng(seed, x0.device):
+                pred = model(x0[rows] + per_sample(sigma, x0) * z[rows], sigma, sub_labels).to(x0.dtype)
+        mse = robust_loss("l2", pred, x0[rows], reduction=cfg.loss_reduction)
+        return DIFFUSION_WEIGHTINGS[cfg.diffusion_weighting](sigma, cfg.sigma_data) * mse

@@ -1,0 +1,261 @@
+"""The training loop: one function wiring data pipeline, objective, optimiser, EMAs, run directory and monitor.
+
+Resuming is re-running the same command: the loop restores the newest checkpoint of the run directory and continues.
+Since every step's randomness is a pure function of (seed, step) (see ``slct.pipeline``), a run stopped at any point
+(kill -9 included) and resumed produces bitwise the same weights as an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slct import distributed
+from slct.calibration import stage_c
+from slct.config import Config
+from slct.ema import EMA, profiles_from_config
+from slct.model import build_model, count_parameters, network_kwargs
+from slct.objectives import build_objective
+from slct.pipeline import BatchPipeline, step_seed
+from slct.training import rundir
+from slct.training.health import Health, StopSignals, TrainingDiverged, divergence_message, grad_norm
+from slct.training.monitor import Monitor
+from slct.training.setup import build_optimizer, learning_rate, open_dataset, resolve_device
+from slct.training.state import TrainState
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: TrainState
+    finished: bool  # reached total_steps
+    stopped_by: str  # "done" | "until_step" | "minutes" | "signal"
+    files: dict = field(default_factory=dict)
+
+
+def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: int | None = None,
+          max_minutes: float | None = None, progress: bool | str = True, loss_hook=None) -> TrainResult:
+    """Train ``cfg`` in ``run_dir``; stop at ``until_step`` / after ``max_minutes`` (with a checkpoint) to train in slices.
+
+    ``progress``: "bar" (True), "lines" (a plain line per logging interval and a final line, for logs and
+    ``--no-progress``) or "none" (False). ``loss_hook(step, loss) -> loss`` may replace the loss tensor
+    (fault-injection tests, custom regularisers). Raises ``TrainingDiverged`` when non-finite steps persist after
+    ``train.max_rollbacks`` rollbacks.
+    """
+    cfg.validate()
+    if cfg.logging.eval_every_steps and not Path(cfg.logging.eval_reference).is_file():
+        raise FileNotFoundError(f"logging.eval_reference {cfg.logging.eval_reference!r} does not exist "
+                                "(make it with `slct eval ref SOURCE --extractor NAME --out FILE.npz`)")
+    progress = {True: "bar", False: "none"}.get(progress, progress)
+    if progress not in ("bar", "lines", "none"):
+        raise ValueError(f"progress must be 'bar', 'lines' or 'none', got {progress!r}")
+    t_start = time.time()
+    device, dist = _init_device(cfg)
+    run_dir = Path(run_dir)
+
+    # everything that can fail on bad input happens before the run directory is created
+    dataset = open_dataset(cfg)
+    run, objective = _build_run(cfg, run_dir, dataset, device, dist)
+    ckpt_path = rundir.resume_path(run_dir, resume)
+    _open_run_dir(run, ckpt_path, dataset, device)
+    state, model = run.state, run.model
+
+    train_model = torch.compile(model) if cfg.train.compile else model
+    # forward-mode AD (MeanFlow's JVP) does not go through DDP: such objectives get the plain module and the
+    # gradients are averaged over processes by hand after the last micro-batch (same result as DDP's all-reduce)
+    manual_sync = dist.world_size > 1 and objective.sync_gradients_manually
+    if dist.world_size > 1 and not manual_sync:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    total = cfg.train.total_steps
+    stop_step = min(total, until_step) if until_step is not None else total
+    logger = Monitor(run_dir, cfg, dataset, dist.is_main, progress, start=state.step, total=total)
+    prefetch = cfg.train.prefetch_batches
+    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
+    health, stopped_by, diverged = Health(), "done", None
+    slice_start = time.time()
+    try:
+        with StopSignals() as signals:
+            while state.step < stop_step:
+                batch = next(pipeline)
+                c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger)
+                lr = learning_rate(cfg.optim, state.step, state.lr_scale)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_value, norm = _forward_backward(run, train_model, objective, batch, c_now, manual_sync,
+                                                     logger, loss_hook)
+                finite = math.isfinite(loss_value) and math.isfinite(norm)
+                in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
+                # one all-reduce agrees on all three, so every rank takes the same branch below
+                ok, go_on, in_time = distributed.all_true([finite, signals.received is None, in_time], device)
+                _apply_or_skip(run, ok, loss_value, health)
+                state.step += 1
+                state.nimg += cfg.train.batch_size
+                logger.step(state, lr, ok, norm)
+                if not ok and health.consecutive_bad >= cfg.train.max_bad_steps:
+                    if state.rollbacks >= cfg.train.max_rollbacks:
+                        diverged = divergence_message(run_dir, cfg, state, health, lr)
+                        logger.event(diverged, state.step, echo=False)  # the caller reports it
+                        stopped_by = "diverged"
+                        break
+                    pipeline.close()
+                    rundir.rollback(run, logger)
+                    health.consecutive_bad, health.checkpoint_due = 0, False
+                    pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
+                    continue
+                stopping = (not go_on) or (not in_time) or state.step >= stop_step
+                _write_outputs(run, logger, health, ok, stopping)
+                if not go_on:
+                    stopped_by = "signal"
+                    break
+                if not in_time:
+                    stopped_by = "minutes"
+                    break
+    finally:
+        pipeline.close()
+        logger.close()
+    if stopped_by == "done" and state.step < total:
+        stopped_by = "until_step"
+    files = {}
+    if dist.is_main:
+        files = logger.finish(state.step >= total)
+    distributed.barrier()
+    if diverged:
+        raise TrainingDiverged(diverged)
+    if dist.is_main and progress != "none":
+        verb = "finished" if state.step >= total else f"stopped ({stopped_by}) at step {state.step}/{total}"
+        print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
+              + ("" if state.step >= total else "\nre-run the same command to resume"))
+    return TrainResult(run_dir, state, state.step >= total, stopped_by, files)
+
+
+def _init_device(cfg: Config) -> tuple[torch.device, distributed.DistInfo]:
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    dist = distributed.init(device)
+    if dist.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    return device, dist
+
+
+def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundir.Run, object]:
+    """Network, optimiser, EMAs and objective for ``dataset``, checked against it (nothing written yet)."""
+    latent_shape = tuple(dataset.latent_shape)
+    if cfg.train.batch_size > len(dataset):
+        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) is larger than the dataset ({len(dataset)} "
+                         f"latents in {cfg.data.path}): every batch would repeat samples; use --batch "
+                         f"{len(dataset)} or less, or encode more images")
+    if cfg.logging.eval_every_steps:  # a "held-out" reference must not hold training images
+        from slct.eval.reference import check_held_out, load_reference
+
+        check_held_out({k: dataset.manifest.get(k) for k in ("source", "selection")},
+                       load_reference(cfg.logging.eval_reference).manifest, cfg.logging.eval_reference)
+    num_classes = int(dataset.num_classes) if cfg.data.conditional else 0
+    if cfg.data.conditional and num_classes == 0:
+        raise ValueError(f"data.conditional is set but the dataset {cfg.data.path} has no labels")
+    net_kwargs = network_kwargs(cfg, latent_shape, num_classes)
+    torch.manual_seed(step_seed(cfg.train.seed, 0, stream=1))  # the initial weights: same seed on every rank
+    model = build_model(cfg, latent_shape, num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model)
+    ema = EMA(model, profiles_from_config(cfg.train))
+    objective = build_objective(cfg.objective, cfg.train.total_steps)
+    meta = {"codec": dataset.codec_spec, "normalizer": dataset.normalizer.to_dict(), "latent_shape": list(latent_shape),
+            "num_classes": num_classes, "network_kwargs": net_kwargs,
+            "data_source": {k: dataset.manifest.get(k) for k in ("source", "selection", "image_resolution",
+                                                                   "class_names")}}
+    return rundir.Run(run_dir, cfg, meta, model, optimizer, ema, TrainState(), dist), objective
+
+
+def _open_run_dir(run: rundir.Run, ckpt_path: Path | None, dataset, device) -> None:
+    """Create (or reopen) the run directory: restore the checkpoint to resume from, or write the step-0 one."""
+    dist = run.dist
+    with rundir.removed_if_start_fails(run.dir, dist.is_main):
+        rundir.prepare_run_dir(run.dir, dist.is_main)
+        if ckpt_path is not None:
+            rundir.load_checkpoint(ckpt_path, run)
+        elif dist.world_size > 1:  # identical initial weights everywhere
+            for t in run.model.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
+            run.ema = EMA(run.model, profiles_from_config(run.cfg.train))
+        if dist.is_main:
+            rundir.write_run_files(run, count_parameters(run.model), len(dataset), device)
+        if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
+            rundir.save_checkpoint(run)
+
+
+def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, manual_sync: bool, logger,
+                      loss_hook) -> tuple[float, float]:
+    """The loss and its gradients over the step's micro-batches; returns (last micro-batch loss, gradient norm)
+    with one device sync."""
+    cfg, dist, state = run.cfg, run.dist, run.state
+    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
+                else contextlib.nullcontext())
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer.zero_grad(set_to_none=True)
+    micro = batch.split(cfg.optim.accumulate)
+    for j, mb in enumerate(micro):
+        sync = j == len(micro) - 1 or dist.world_size == 1 or manual_sync
+        with (contextlib.nullcontext() if sync else train_model.no_sync()):
+            with autocast:
+                terms = objective(train_model, mb.x0, state.step, labels=mb.labels, noise=mb.noise,
+                                  indices=mb.indices, dropout_seed=mb.dropout_seed, c=c_now)
+            loss = terms.total.mean()
+            if loss_hook is not None:
+                loss = loss_hook(state.step, loss)
+            (loss / len(micro)).backward()
+        logger.accumulate(terms, loss, batch.ot_seconds / len(micro))
+    if manual_sync:
+        distributed.average_gradients(params)
+    loss_value, norm = torch.stack([loss.detach().double().cpu(), grad_norm(params).cpu()]).tolist()  # one sync
+    return loss_value, norm
+
+
+def _apply_or_skip(run: rundir.Run, ok: bool, loss_value: float, health: Health) -> None:
+    """An optimiser and EMA step when the step was finite on every rank; else the gradients are dropped."""
+    cfg, state = run.cfg, run.state
+    if ok:
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+        run.optimizer.step()
+        run.ema.update(run.model, state.step + 1, state.nimg + cfg.train.batch_size, cfg.train.batch_size)
+        health.consecutive_bad = 0
+        health.last_finite_loss, health.last_finite_step = loss_value, state.step
+    else:  # skipped on every rank alike (the flag was all-reduced)
+        run.optimizer.zero_grad(set_to_none=True)
+        state.bad_steps += 1
+        health.consecutive_bad += 1
+
+
+def _write_outputs(run: rundir.Run, logger: Monitor, health: Health, ok: bool, stopping: bool) -> None:
+    """What is due after the step: checkpoint, snapshots, power EMAs, sample grids, evaluation."""
+    cfg, state, is_main = run.cfg, run.state, run.dist.is_main
+    total, latent_shape = cfg.train.total_steps, run.meta["latent_shape"]
+    health.checkpoint_due |= stopping or state.step % cfg.checkpoint.every_steps == 0
+    if health.checkpoint_due and ok:  # never inside a streak of non-finite steps
+        health.checkpoint_due = not rundir.save_checkpoint(run, logger)
+    if is_main and (stopping or state.step % cfg.checkpoint.snapshot_every_steps == 0):
+        rundir.save_snapshot(run)  # a run stopped early has one too
+    every = cfg.train.ema_power_every_steps
+    if is_main and every and (state.step % every == 0 or state.step == total):
+        rundir.save_snapshot(run, power_only=True)
+    every = cfg.logging.sample_every_steps
+    if is_main and ((every and state.step % every == 0) or state.step == total):
+        logger.sample_grids(run.model, run.ema, state.step, latent_shape)
+    every = cfg.logging.eval_every_steps
+    if is_main and every and (state.step % every == 0 or state.step == total):
+        logger.evaluate(run.model, run.ema, state.step, latent_shape)
+    if stopping and health.checkpoint_due:
+        logger.event(f"stopped at step {state.step} inside a streak of non-finite steps: no checkpoint "
+                     "written; resuming replays from the newest one", state.step)

@@ -1,0 +1,53 @@
+"""The parts a run is built from, each from its config section: the device, the latent dataset and the optimiser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slct.config import Config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def open_dataset(cfg: Config):
+    from slct.data import LatentDataset
+
+    if not cfg.data.path:
+        raise ValueError("no training data: pass --data DIR (a latent dataset from `slct encode`) or --data-preset")
+    if not cfg.data.path.startswith("builtin:") and not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"data path {cfg.data.path} does not exist (create it with `slct encode`)")
+    if cfg.data.hflip and cfg.data.path and not cfg.data.path.startswith("builtin:"):
+        codec = LatentDataset(cfg.data.path, normalization="none").codec_spec.get("name")
+        if codec != "identity":
+            raise ValueError(f"data.hflip flips latents, which is only valid in pixel space (identity codec); this "
+                             f"dataset's codec is {codec!r}: store flipped copies with `slct encode --hflip-copies`")
+    return LatentDataset(cfg.data.path, normalization=cfg.data.normalization, sigma_data=cfg.objective.sigma_data,
+                         scale=cfg.data.scale, hflip=False)  # flips are drawn by the pipeline (deterministic)
+
+
+def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """RAdam (REFERENCE [8]) with the weight-decay options: coupled (authors) or decoupled, on every tensor
+    (authors) or on the matrices and kernels only (``decay_norms_and_biases=False``: no decay on 1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 and not optim_cfg.decay_norms_and_biases else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.RAdam(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             decoupled_weight_decay=optim_cfg.decoupled_weight_decay)
+
+
+def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0) -> float:
+    """The learning rate of ``step``: ``optim.lr`` x the rollback factor x the linear warm-up (a pure function)."""
+    return optim_cfg.lr * lr_scale * min(1.0, (step + 1) / max(optim_cfg.warmup_steps, 1))
