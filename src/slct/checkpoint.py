@@ -43,6 +43,10 @@ class UnsafeFileError(ValueError):
     """A file that is not an slct file (or holds objects slct does not load); nothing in it was executed."""
 
 
+class DamagedFileError(UnsafeFileError):
+    """A file that cannot be read at all (truncated, corrupted, not a torch file): nothing in it was executed."""
+
+
 def _disk_full(error: BaseException, directory: Path) -> bool:
     # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos", not as ENOSPC
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -92,9 +96,13 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return stale
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an error's message, cut at a word boundary past ``limit`` characters."""
     lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else ""
+    line = lines[0] if lines else ""
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " ..."
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -135,7 +143,8 @@ def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu"
         raise UnsafeFileError(f"{path} is not an {what}: it holds Python objects{detail} that slct does not load; "
                               "nothing in it was run") from None
     except Exception as e:  # truncated, not a torch file at all, ...
-        raise UnsafeFileError(f"{path} is not a readable {what} ({type(e).__name__}: {_first_line(e)})") from None
+        raise DamagedFileError(f"{path} is damaged or not a {what}: it cannot be read ({type(e).__name__}: "
+                               f"{_first_line(e)})") from None
 
 
 def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, map_location="cpu",

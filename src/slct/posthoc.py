@@ -19,6 +19,9 @@ from slct import checkpoint
 from slct.ema import posthoc_coefficients, power_gamma, power_profile
 
 
+MAX_FIT_ERROR = 0.1  # relative L2 error of the reconstructed per-step weight profile beyond which nothing is written
+
+
 def stored_power_emas(run_dir: str | Path) -> list[tuple[int, float, Path, str]]:
     """(step, std, file, EMA name) of every power EMA stored in the run's snapshots and ``power-ema/``."""
     run_dir = Path(run_dir)
@@ -41,11 +44,13 @@ def fit_error(stored: list[tuple[int, float]], target: tuple[int, float], x: np.
     return float(np.linalg.norm(got - wanted) / np.linalg.norm(wanted))
 
 
-def reconstruct(run_dir: str | Path, std: float, step: int | None = None, out_dir: str | Path | None = None) -> dict:
+def reconstruct(run_dir: str | Path, std: float, step: int | None = None, out_dir: str | Path | None = None,
+                max_fit_error: float = MAX_FIT_ERROR) -> dict:
     """Write the snapshot of the power EMA of width ``std`` read at ``step`` (default: the latest stored step).
 
-    Only snapshots up to ``step`` are used (an EMA read at step t cannot depend on later weights). Returns
-    {"path", "step", "std", "sources", "fit_error"}.
+    Only snapshots up to ``step`` are used (an EMA read at step t cannot depend on later weights). A reconstruction
+    whose weight profile misses the wanted one by more than ``max_fit_error`` (relative L2) is refused: its weights
+    are not that EMA. Returns {"path", "step", "std", "sources", "fit_error"}.
     """
     run_dir = Path(run_dir)
     power_gamma(std)  # validates the width
@@ -53,7 +58,11 @@ def reconstruct(run_dir: str | Path, std: float, step: int | None = None, out_di
     if not entries:
         raise FileNotFoundError(f"{run_dir} has no stored power EMAs: train with --set train.ema_power_stds=[0.05,0.1] "
                                 "(and train.ema_power_every_steps=N for more than the snapshots' steps)")
-    step = max(e[0] for e in entries) if step is None else int(step)
+    newest = max(e[0] for e in entries)
+    step = newest if step is None else int(step)
+    if step > newest:  # nothing stored knows the weights of the steps after the newest
+        raise ValueError(f"--step {step} is past the newest stored power EMA (step {newest}); the EMA at a step is "
+                         f"built from what was stored up to it: use --step {newest} or less")
     entries = [e for e in entries if e[0] <= step]
     if not entries:
         raise ValueError(f"no power EMA is stored at or before step {step}")
@@ -68,9 +77,14 @@ def reconstruct(run_dir: str | Path, std: float, step: int | None = None, out_di
         for k, v in state.items():
             if v.is_floating_point():
                 total[k] += float(c) * v.double()
+    error = fit_error(stored, (step, std), x)
+    if error > max_fit_error:
+        raise ValueError(f"the stored power EMAs cannot make std={std:g} at step {step}: the profile fit error is "
+                         f"{error:.0%} (at most {max_fit_error:.0%} accepted); store them more often "
+                         "(train.ema_power_every_steps), pick a step where one is stored, or a std between the stored "
+                         "ones")
     template = checkpoint.load(entries[-1][2], expect=checkpoint.SNAPSHOT_FORMAT, mmap=True)
     name = f"std={std:g}"
-    error = fit_error(stored, (step, std), x)
     payload = {**template, "ema": {name: {k: v.float() if v.is_floating_point() else v for k, v in total.items()}},
                "ema_default": name, "step": step,
                "posthoc": {"std": std, "step": step, "fit_error": error,

@@ -325,10 +325,18 @@ class Snapshot:
                        float(getattr(self.model.net, "label_dropout", 0.0) or 0.0))
 
     def sample_latents(self, seeds, nfe: int, class_labels=None, guidance: float = 1.0) -> torch.Tensor:
+        """Normalised latents for ``seeds``; a sample that is not finite is an error, never a black image."""
         if guidance != 1:
             self.check_guidance(guidance)
-        return sample_latents(self.model, list(seeds), self.latent_shape, nfe, self.config.objective,
-                              self.config.sampling, class_labels, self.device, guidance)
+        z = sample_latents(self.model, list(seeds), self.latent_shape, nfe, self.config.objective,
+                           self.config.sampling, class_labels, self.device, guidance)
+        bad = (~torch.isfinite(z.flatten(1))).any(1)
+        if bool(bad.any()):
+            first = list(seeds)[int(bad.nonzero()[0])]
+            raise ValueError(f"{self.path}: {int(bad.sum())} of {len(z)} samples at {nfe} NFE are not finite (first: "
+                             f"seed {first}); nothing was written. The weights ({self.ema}) or the sampler settings "
+                             "are broken: try another --ema or snapshot, or the run's own sampling settings")
+        return z
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [-1, 1] through the run's normalisation and codec."""
@@ -368,6 +376,7 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
     net = build_network(cfg.network.name, **payload["network_kwargs"])
     obj = cfg.objective
     model = wrap_network(net, obj.kind, obj.sigma_data, obj.sigma_min)
+    check_finite_weights(weights[name], f"{path}'s {name!r} weights")
     model.load_state_dict(weights[name])
     device = torch.device(device)
     model.to(device).eval()
@@ -375,6 +384,15 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
                     tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["state"]["step"]
                     if "state" in payload else payload["step"]), name, device,
                     data_source=payload.get("data_source"))
+
+
+def check_finite_weights(state: dict, what: str) -> None:
+    """Refuse a state dict holding NaN or inf: sampling from it gives black images with exit code 0."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{what} hold non-finite values ({bad} of {value.numel()} in {key}): the file is "
+                             "damaged (bit rot, a cut transfer) or the run diverged; use another snapshot or --ema")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -14,13 +14,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "more of training)")
     p.add_argument("--step", type=int, default=None, help="read the EMA at this step (default: the latest stored)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/posthoc-ema)")
+    p.add_argument("--max-fit-error", type=float, default=0.1,
+                   help="refuse a reconstruction whose weight profile misses the wanted one by more than this "
+                   "(relative L2; the run's stored EMAs may not span the wanted width at that step)")
 
 
 def run(args) -> int:
     from slct.posthoc import reconstruct
 
     for std in args.std:
-        r = reconstruct(args.run, std, args.step, args.out)
+        r = reconstruct(args.run, std, args.step, args.out, args.max_fit_error)
         print(f"std={std:g} at step {r['step']}: {r['sources']} stored power EMAs, profile fit error "
               f"{r['fit_error']:.2e} -> {r['path']}")
     print("sample or evaluate with: slct sample PATH, slct eval --snapshot PATH")

@@ -204,7 +204,7 @@ def run_eval(args) -> int:
     from slct import __version__, distributed
     from slct.eval.evaluate import evaluate_many, format_table
     from slct.eval.extractors import file_sha256
-    from slct.eval.reference import check_held_out, image_reader
+    from slct.eval.reference import check_held_out, check_image_size, image_reader, image_sizes
     from slct.sampling import describe_labels
 
     if args.snapshot is None and args.images is None:
@@ -234,6 +234,9 @@ def run_eval(args) -> int:
         count, read = image_reader(args.images, args.limit, loader=pairs[0][0].protocol)
         if count < 2:
             raise ValueError(f"need at least 2 generated images, found {count} in {args.images}")
+        (size,) = image_sizes(read([0]))
+        for path, ref in zip(args.ref, refs):
+            check_image_size(ref.manifest, size, path, f"{args.images}")
         rows = [dict(source=Path(args.images).name, **result)
                 for result in evaluate_many(read, count, args.batch_size, pairs, **common)]
         record.update(images=str(Path(args.images).resolve()), n=count)
@@ -241,6 +244,9 @@ def run_eval(args) -> int:
     else:
         sampling = importlib.import_module("slct.sampling")  # the training system's snapshot API
         snap = sampling.load_snapshot(args.snapshot, device=device, **({} if args.ema is None else {"ema": args.ema}))
+        size = tuple(side * snap.codec.downsample for side in snap.latent_shape[-2:])
+        for path, ref in zip(args.ref, refs):
+            check_image_size(ref.manifest, size, path, f"the model ({snap.path.name})")
         overlaps = [check_held_out(getattr(snap, "data_source", None), ref.manifest, path)
                     for path, ref in zip(args.ref, refs)]
         info = snap.info()

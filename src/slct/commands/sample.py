@@ -31,6 +31,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
 
 
+def check_sigma_mid(sigma_mid: float, objective_cfg) -> None:
+    """--sigma-mid: a noise level strictly between the run's sigma_min and sigma_max, for consistency models."""
+    import math
+
+    from slct.precond import parameterisation
+
+    if parameterisation(objective_cfg.kind) != "consistency":
+        raise ValueError(f"--sigma-mid sets the intermediate noise level of consistency sampling; this is a "
+                         f"{objective_cfg.kind} model (leave --sigma-mid out)")
+    lo, hi = objective_cfg.sigma_min, objective_cfg.sigma_max
+    if not (math.isfinite(sigma_mid) and lo < sigma_mid < hi):
+        raise ValueError(f"--sigma-mid must be a noise level in ({lo:g}, {hi:g}) (the run's sigma_min, sigma_max), "
+                         f"got {sigma_mid}")
+
+
 def run(args) -> int:
     import numpy as np
     import torch
@@ -43,12 +58,15 @@ def run(args) -> int:
 
     if args.n < 1 or args.batch < 1:
         raise ValueError("--n and --batch must be >= 1")
+    if args.nfe is not None and min(args.nfe) < 1:
+        raise ValueError(f"--nfe takes network evaluations >= 1, got {' '.join(map(str, args.nfe))}")
     device = resolve_device(args.device)
     dist = distributed.init(device)
     if dist.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     snap = load_snapshot(args.snapshot, device=device, ema=args.ema)
     if args.sigma_mid is not None:
+        check_sigma_mid(args.sigma_mid, snap.config.objective)
         snap.config.sampling.sigma_mid = args.sigma_mid  # this process's private copy of the snapshot's config
     from slct.sampling import default_nfe
 

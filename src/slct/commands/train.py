@@ -67,7 +67,9 @@ def run(args) -> int:
     out = args.out or f"runs/{cfg.preset.replace(' x ', '-') or 'run'}"
     result = train(cfg, out, resume=args.resume, until_step=args.until_step, max_minutes=args.minutes,
                    progress="lines" if args.no_progress else "bar")
-    return 0 if result.finished or result.stopped_by in ("until_step", "minutes") else 130
+    if result.finished or result.stopped_by in ("until_step", "minutes"):
+        return 0
+    return 143 if result.signal == "SIGTERM" else 130  # 128 + the signal's number, as a shell reports it
 
 
 def print_presets() -> None:

@@ -190,10 +190,13 @@ def reference_from_images(images: Images | Iterable[Images], extractor: Extracto
                           max_features: int | None = DEFAULT_MAX_FEATURES, progress: bool = False) -> Reference:
     """An in-memory reference from a batch (or an iterable of batches) of images, e.g. a demo's dataset."""
     batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
-    stats = stats_from_batches(batches, extractor, max_features, progress=progress)
+    sizes: set[tuple[int, int]] = set()
+    stats = stats_from_batches(_sizes_seen(batches, sizes), extractor, max_features, progress=progress)
     return Reference.from_stats(stats, dict(format=MANIFEST_FORMAT, source="<in memory>", count=stats.n,
                                             extractor=extractor.spec(), protocol=extractor.protocol,
-                                            resize=PROTOCOLS[extractor.protocol].policy))
+                                            resize=PROTOCOLS[extractor.protocol].policy,
+                                            image_size=list(next(iter(sizes))) if len(sizes) == 1 else None,
+                                            image_sizes=len(sizes)))
 
 
 def default_reference_path(source: str | os.PathLike, extractor: Extractor, resolution: int | None = None,
@@ -260,18 +263,69 @@ def compute_reference(source: str | os.PathLike, extractor: Extractor, *, resolu
         kind, codec_spec, where = ("zip" if Path(source).is_file() else "folder"), None, str(Path(source).resolve())
         if resolution is None:
             resample = None
-    stats = stats_from_batches(batches, extractor, max_features, total=count, progress=progress,
+    sizes: set[tuple[int, int]] = set()
+    stats = stats_from_batches(_sizes_seen(batches, sizes), extractor, max_features, total=count, progress=progress,
                                desc=f"reference {Path(str(source)).name}")
     manifest = dict(
         format=MANIFEST_FORMAT, source=where, source_kind=kind, codec=codec_spec,
         count=stats.n, features_kept=0 if stats.features is None else len(stats.features),
         extractor=extractor.spec(), resolution=resolution, resample=resample, protocol=extractor.protocol,
+        image_size=list(next(iter(sizes))) if len(sizes) == 1 else None,  # [H, W]; None: sizes differ
+        image_sizes=len(sizes),
         resize=PROTOCOLS[extractor.protocol].policy, limit=limit,
         holdout=holdout, split=split, source_images=source_images,
         **({} if class_name is None else {"class": classes[resolve_class(class_name, classes)],
                                           "class_index": resolve_class(class_name, classes)}), slct_version=__version__, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     return Reference.from_stats(stats, manifest)
+
+
+def _sizes_seen(batches: Iterable[Images], sizes: set) -> Iterator[Images]:
+    """The batches unchanged, noting each image's (height, width) in ``sizes``."""
+    for images in batches:
+        sizes.update(image_sizes(images))
+        yield images
+
+
+def image_sizes(images: Images) -> set[tuple[int, int]]:
+    """The (height, width) of a batch's images: uint8 HWC lists and NHWC arrays, float NCHW tensors or arrays."""
+    if isinstance(images, (list, tuple)):
+        return {tuple(int(v) for v in np.shape(image)[:2]) for image in images}
+    uint8 = images.dtype in (np.uint8, torch.uint8)
+    return {tuple(int(v) for v in (images.shape[1:3] if uint8 else images.shape[-2:]))}
+
+
+def reference_image_size(manifest: dict) -> tuple[int, int] | None:
+    """The (height, width) of a reference's images: recorded, or implied by its resolution; None: not known (a
+    reference of native-size images made before sizes were recorded, images of several sizes, a foreign file)."""
+    if manifest.get("image_size"):
+        return tuple(manifest["image_size"])
+    if manifest.get("resolution"):
+        return (int(manifest["resolution"]),) * 2
+    return None
+
+
+def check_image_size(manifest: dict, image_size: tuple[int, int], reference_path, what: str) -> None:
+    """Refuse a reference of images of another size than ``what`` makes: the statistics differ (one line).
+
+    A foreign reference (pytorch-fid's ``mu``/``sigma``, no manifest) cannot be checked and is accepted."""
+    if not manifest:
+        return
+    have, want = reference_image_size(manifest), tuple(int(v) for v in image_size)
+    if have == want:
+        return
+    source = manifest.get("source", "SOURCE")
+    remedy = (f"make one at that size: slct eval ref {source} --resolution {want[0]} --extractor "
+              f"{manifest.get('extractor', {}).get('name', 'NAME')}" + (f" --holdout {manifest['holdout']}"
+                                                                        if manifest.get("holdout") else "")
+              + " --out FILE.npz")
+    if have is None:
+        made = ("images of several sizes" if manifest.get("image_sizes", 0) > 1
+                else "images at their native size, which it does not record")
+        raise ValueError(f"{reference_path} holds statistics of {made}; {what} makes {want[0]}x{want[1]} px images: "
+                         f"{remedy}")
+    raise ValueError(f"{reference_path} holds statistics of {have[0]}x{have[1]} px images; {what} makes "
+                     f"{want[0]}x{want[1]} px images: {remedy}")
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:

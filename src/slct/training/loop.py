@@ -36,16 +36,18 @@ class TrainResult:
     finished: bool  # reached total_steps
     stopped_by: str  # "done" | "until_step" | "minutes" | "signal"
     files: dict = field(default_factory=dict)
+    signal: str | None = None  # "SIGTERM" | "SIGINT" when stopped by a signal
 
 
 def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: int | None = None,
           max_minutes: float | None = None, progress: bool | str = True, loss_hook=None) -> TrainResult:
     """Train ``cfg`` in ``run_dir``; stop at ``until_step`` / after ``max_minutes`` (with a checkpoint) to train in slices.
 
+    ``resume``: "auto" (continue from the newest readable checkpoint, if any), "none" or a checkpoint file.
     ``progress``: "bar" (True), "lines" (a plain line per logging interval and a final line, for logs and
     ``--no-progress``) or "none" (False). ``loss_hook(step, loss) -> loss`` may replace the loss tensor
     (fault-injection tests, custom regularisers). Raises ``TrainingDiverged`` when non-finite steps persist after
-    ``train.max_rollbacks`` rollbacks.
+    ``train.max_rollbacks`` rollbacks, ``RunDirectoryLocked`` when another process trains in ``run_dir``.
     """
     cfg.validate()
     if cfg.logging.eval_every_steps and not Path(cfg.logging.eval_reference).is_file():
@@ -61,10 +63,39 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     # everything that can fail on bad input happens before the run directory is created
     dataset = open_dataset(cfg)
     run, objective = _build_run(cfg, run_dir, dataset, device, dist)
-    ckpt_path = rundir.resume_path(run_dir, resume)
-    _open_run_dir(run, ckpt_path, dataset, device)
-    state, model = run.state, run.model
+    if resume == "none":
+        rundir.resume_path(run_dir, resume)  # refuses a folder that holds checkpoints, before touching it
+    lock, resumed_from = _open_run_dir(run, resume, dataset, device)
+    try:
+        if resumed_from is not None and dist.is_main and progress != "none":
+            print(f"resuming from {resumed_from} (step {run.state.step} of {cfg.train.total_steps})", flush=True)
+        logger = Monitor(run_dir, cfg, dataset, dist.is_main, progress, start=run.state.step,
+                         total=cfg.train.total_steps)
+        try:
+            stopped_by, detail = _loop(run, objective, dataset, logger, until_step, max_minutes, loss_hook)
+        finally:
+            logger.close()
+        state, total = run.state, cfg.train.total_steps
+        files = logger.finish(state.step >= total) if dist.is_main else {}
+        distributed.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    if stopped_by == "diverged":
+        raise TrainingDiverged(detail)
+    if dist.is_main and progress != "none":
+        verb = "finished" if state.step >= total else f"stopped ({stopped_by}) at step {state.step}/{total}"
+        print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
+              + ("" if state.step >= total else "\nre-run the same command to resume"))
+    return TrainResult(run_dir, state, state.step >= total, stopped_by, files,
+                       signal=detail if stopped_by == "signal" else None)
 
+
+def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int | None, max_minutes: float | None,
+          loss_hook) -> tuple[str, str | None]:
+    """The training steps from ``run.state.step`` to the stop; returns (why it stopped, detail): ("diverged",
+    the message), ("signal", its name), or ("done" | "until_step" | "minutes", None)."""
+    cfg, dist, state, model, device = run.cfg, run.dist, run.state, run.model, run.device
     train_model = torch.compile(model) if cfg.train.compile else model
     # forward-mode AD (MeanFlow's JVP) does not go through DDP: such objectives get the plain module and the
     # gradients are averaged over processes by hand after the last micro-batch (same result as DDP's all-reduce)
@@ -72,13 +103,11 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     if dist.world_size > 1 and not manual_sync:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-
     total = cfg.train.total_steps
     stop_step = min(total, until_step) if until_step is not None else total
-    logger = Monitor(run_dir, cfg, dataset, dist.is_main, progress, start=state.step, total=total)
     prefetch = cfg.train.prefetch_batches
     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
-    health, stopped_by, diverged = Health(), "done", None
+    health = Health()
     slice_start = time.time()
     try:
         with StopSignals() as signals:
@@ -100,10 +129,9 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                 logger.step(state, lr, ok, norm)
                 if not ok and health.consecutive_bad >= cfg.train.max_bad_steps:
                     if state.rollbacks >= cfg.train.max_rollbacks:
-                        diverged = divergence_message(run_dir, cfg, state, health, lr)
-                        logger.event(diverged, state.step, echo=False)  # the caller reports it
-                        stopped_by = "diverged"
-                        break
+                        message = divergence_message(run.dir, cfg, state, health, lr)
+                        logger.event(message, state.step, echo=False)  # the caller reports it
+                        return "diverged", message
                     pipeline.close()
                     rundir.rollback(run, logger)
                     health.consecutive_bad, health.checkpoint_due = 0, False
@@ -111,28 +139,13 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
                     continue
                 stopping = (not go_on) or (not in_time) or state.step >= stop_step
                 _write_outputs(run, logger, health, ok, stopping)
-                if not go_on:
-                    stopped_by = "signal"
-                    break
+                if not go_on:  # another rank may have received it: SIGTERM is what schedulers send
+                    return "signal", signals.received or "SIGTERM"
                 if not in_time:
-                    stopped_by = "minutes"
-                    break
+                    return "minutes", None
     finally:
         pipeline.close()
-        logger.close()
-    if stopped_by == "done" and state.step < total:
-        stopped_by = "until_step"
-    files = {}
-    if dist.is_main:
-        files = logger.finish(state.step >= total)
-    distributed.barrier()
-    if diverged:
-        raise TrainingDiverged(diverged)
-    if dist.is_main and progress != "none":
-        verb = "finished" if state.step >= total else f"stopped ({stopped_by}) at step {state.step}/{total}"
-        print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
-              + ("" if state.step >= total else "\nre-run the same command to resume"))
-    return TrainResult(run_dir, state, state.step >= total, stopped_by, files)
+    return ("done" if state.step >= total else "until_step"), None
 
 
 def _init_device(cfg: Config) -> tuple[torch.device, distributed.DistInfo]:
@@ -156,10 +169,12 @@ def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundi
                          f"latents in {cfg.data.path}): every batch would repeat samples; use --batch "
                          f"{len(dataset)} or less, or encode more images")
     if cfg.logging.eval_every_steps:  # a "held-out" reference must not hold training images
-        from slct.eval.reference import check_held_out, load_reference
+        from slct.eval.reference import check_held_out, check_image_size, load_reference
 
-        check_held_out({k: dataset.manifest.get(k) for k in ("source", "selection")},
-                       load_reference(cfg.logging.eval_reference).manifest, cfg.logging.eval_reference)
+        manifest = load_reference(cfg.logging.eval_reference).manifest
+        check_image_size(manifest, (dataset.image_resolution,) * 2, cfg.logging.eval_reference, "this run")
+        check_held_out({k: dataset.manifest.get(k) for k in ("source", "selection")}, manifest,
+                       cfg.logging.eval_reference)
     num_classes = int(dataset.num_classes) if cfg.data.conditional else 0
     if cfg.data.conditional and num_classes == 0:
         raise ValueError(f"data.conditional is set but the dataset {cfg.data.path} has no labels")
@@ -178,21 +193,27 @@ def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundi
     return rundir.Run(run_dir, cfg, meta, model, optimizer, ema, TrainState(), dist), objective
 
 
-def _open_run_dir(run: rundir.Run, ckpt_path: Path | None, dataset, device) -> None:
-    """Create (or reopen) the run directory: restore the checkpoint to resume from, or write the step-0 one."""
+def _open_run_dir(run: rundir.Run, resume: str, dataset, device) -> tuple[rundir.RunLock | None, Path | None]:
+    """Create (or reopen) and hold the run directory: restore the checkpoint to resume from, or write the step-0
+    one. Returns the lock (rank 0; released by the caller) and the checkpoint resumed from."""
     dist = run.dist
     with rundir.removed_if_start_fails(run.dir, dist.is_main):
-        rundir.prepare_run_dir(run.dir, dist.is_main)
-        if ckpt_path is not None:
-            rundir.load_checkpoint(ckpt_path, run)
-        elif dist.world_size > 1:  # identical initial weights everywhere
-            for t in run.model.state_dict().values():
-                torch.distributed.broadcast(t, src=0)
-            run.ema = EMA(run.model, profiles_from_config(run.cfg.train))
-        if dist.is_main:
-            rundir.write_run_files(run, count_parameters(run.model), len(dataset), device)
-        if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
-            rundir.save_checkpoint(run)
+        lock = rundir.prepare_run_dir(run.dir, dist.is_main, device)
+        try:
+            ckpt_path = rundir.restore(run, resume)
+            if ckpt_path is None and dist.world_size > 1:  # identical initial weights everywhere
+                for t in run.model.state_dict().values():
+                    torch.distributed.broadcast(t, src=0)
+                run.ema = EMA(run.model, profiles_from_config(run.cfg.train))
+            if dist.is_main:
+                rundir.write_run_files(run, count_parameters(run.model), len(dataset), device)
+            if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
+                rundir.save_checkpoint(run)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    return lock, ckpt_path
 
 
 def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, manual_sync: bool, logger,

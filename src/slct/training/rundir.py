@@ -8,9 +8,13 @@ data (codec, normalisation, latent shape) are the ones the run started with.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,19 +64,105 @@ def removed_if_start_fails(run_dir: Path, is_main: bool):
         raise
 
 
-def prepare_run_dir(run_dir: Path, is_main: bool) -> None:
+class RunDirectoryLocked(RuntimeError):
+    """Another live process trains in this run directory."""
+
+
+class RunLock:
+    """One training process per run directory: ``RUN/lock`` names the holder (pid, host, start) and is held with an
+    OS lock (``flock``) that ends with the process, however it ends, so a lock left by a dead process is taken over
+    by the next start. Where the file system has no ``flock`` (some network mounts), a holder on this host whose pid
+    is gone counts as stale; one on another host is trusted (delete the file if that host's run is gone)."""
+
+    NAME = "lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self.fd: int | None = None
+        self.took_over: dict | None = None  # the previous holder, when a stale lock was taken over
+
+    def acquire(self) -> "RunLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = self._read(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirectoryLocked(self._refusal(holder)) from None
+        except OSError as e:  # no flock here: decide by the recorded pid
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS) or self._alive(holder):
+                os.close(fd)
+                raise RunDirectoryLocked(self._refusal(holder)) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        if holder and holder.get("pid") and (holder.get("pid"), holder.get("host")) != (me["pid"], me["host"]):
+            self.took_over = holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # no holder: an empty file is not a lock
+            os.close(self.fd)  # closing ends the flock
+            self.fd = None
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (ValueError, UnicodeDecodeError):
+            return {}
+
+    @staticmethod
+    def _alive(holder: dict) -> bool:
+        if not holder.get("pid"):
+            return False
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot tell from here
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _refusal(self, holder: dict) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}" if holder
+               else "a process that left no name")
+        return (f"{self.path.parent} is in use by another training process ({who}); wait for it to finish or stop "
+                f"it, or train into another --out (if no such process runs, delete {self.path})")
+
+
+def prepare_run_dir(run_dir: Path, is_main: bool, device: torch.device) -> RunLock | None:
+    """Create the run directory and hold it (rank 0; see RunLock); then remove the temporary files of writes that
+    a kill -9 interrupted. Every rank learns whether rank 0 got the directory before any raises."""
+    lock, error = None, None
     if is_main:
         try:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            if not os.access(run_dir, os.W_OK):
+                raise PermissionError(f"the run directory {run_dir} is not writable")
+            lock = RunLock(run_dir).acquire()
+        except RunDirectoryLocked as e:
+            error = e
         except OSError as e:
-            raise PermissionError(f"cannot create the run directory {run_dir}: {e}") from e
-        if not os.access(run_dir, os.W_OK):
-            raise PermissionError(f"the run directory {run_dir} is not writable")
-        # temporary files of writes a kill -9 interrupted: nothing refers to them
-        for stale in checkpoint.remove_stale_temporaries(run_dir / "checkpoints") \
-                + checkpoint.remove_stale_temporaries(run_dir):
-            print(f"removed {stale} (left by an interrupted write)", file=sys.stderr)
+            error = PermissionError(f"cannot create the run directory {run_dir}: {e}")
+        if lock is not None:
+            if lock.took_over:
+                print(f"took over the run directory from pid {lock.took_over.get('pid')} on "
+                      f"{lock.took_over.get('host')}, which no longer runs", file=sys.stderr)
+            # temporary files of writes a kill -9 interrupted: nothing refers to them (we hold the directory)
+            for stale in checkpoint.remove_stale_temporaries(run_dir / "checkpoints") \
+                    + checkpoint.remove_stale_temporaries(run_dir):
+                print(f"removed {stale} (left by an interrupted write)", file=sys.stderr)
+    (ok,) = distributed.all_true([error is None], device)
+    if not ok:
+        raise error or RunDirectoryLocked(f"rank 0 could not open the run directory {run_dir}")
     distributed.barrier()
+    return lock
 
 
 def write_run_files(run: Run, parameters: int, data_size: int, device: torch.device) -> None:
@@ -95,6 +185,41 @@ def resume_path(run_dir: Path, resume: str) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
     return path
+
+
+def restore(run: Run, resume: str) -> Path | None:
+    """Restore the checkpoint ``resume`` names into ``run`` and return its path; None for a new run.
+
+    ``resume``: "auto" (the newest readable checkpoint of the run, if any), "none" (a new run) or a file. With
+    "auto", a newest checkpoint that cannot be read (truncated, corrupted) is kept as ``NAME.damaged`` with a warning
+    and the one before it is used; one that holds objects slct does not load stops the start, saying how to go on.
+    """
+    if resume != "auto":
+        path = resume_path(run.dir, resume)
+        if path is not None:
+            load_checkpoint(path, run)
+        return path
+    found = checkpoint.list_checkpoints(run.dir)
+    for i in range(len(found) - 1, -1, -1):
+        path, before = found[i], found[i - 1] if i else None
+        try:
+            load_checkpoint(path, run)
+            return path
+        except checkpoint.DamagedFileError as e:
+            if run.dist.is_main:
+                path.rename(path.with_name(path.name + ".damaged"))
+                print(f"warning: {e}; kept as {path.name}.damaged, "
+                      + (f"resuming from {before.name} instead" if before else "and no older checkpoint remains"),
+                      file=sys.stderr)
+            if before is None:
+                raise checkpoint.DamagedFileError(
+                    f"no readable checkpoint in {run.dir / 'checkpoints'} ({path.name} was damaged, kept as "
+                    f"{path.name}.damaged); start a new run with another --out") from None
+        except checkpoint.UnsafeFileError as e:
+            remedy = (f"delete it (or move it out of checkpoints/) and re-run to resume from {before.name}, or pass "
+                      f"--resume {before}" if before else "delete it and re-run to start the run anew")
+            raise checkpoint.UnsafeFileError(f"{e}. To continue, {remedy}") from None
+    return None
 
 
 def save_checkpoint(run: Run, logger=None) -> bool:

@@ -1,0 +1,227 @@
+"""Reliability round 2 (README "What slct guarantees"): one process per run directory, a damaged newest checkpoint
+costs nothing but the steps since the one before, signals exit as a shell reports them, damaged or non-finite files
+and arguments are refused in one line instead of producing garbage with exit code 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from slct import checkpoint
+from slct.cli import main
+from slct.config import load_config
+from slct.training import train
+
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=1", "train.device=cpu"]
+TRAIN = ["train", "--preset", "slct", "--data-preset", "digits", "--batch", "8", "--device", "cpu",
+         "--set", "network.name=unet-tiny", "--set", "logging.sample_every_steps=0",
+         "--set", "logging.log_every_steps=1", "--set", "checkpoint.every_steps=4"]
+
+
+def tiny_cfg(steps=8, *extra):
+    return load_config("slct", "digits", sets=[*TINY, f"train.total_steps={steps}", "train.batch_size=8",
+                                               "checkpoint.every_steps=4", *extra])
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def state_of(run_dir):
+    ckpt = checkpoint.load(checkpoint.latest_checkpoint(run_dir))
+    return ckpt["model"], ckpt["state"]["step"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. one process per run directory
+
+
+def test_a_second_process_is_refused_and_sigterm_exits_143(tmp_path, capsys):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    first = subprocess.Popen([sys.executable, "-m", "slct", *TRAIN, "--steps", "100000", "--out", str(run),
+                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "checkpoint-00000004.pt").exists():  # started and stepping
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        code, _, err = cli(capsys, *TRAIN, "--steps", "100000", "--out", run)
+        line = error_line(err)
+        assert code == 2 and f"pid {first.pid} on {socket.gethostname()}" in line and "in use by another" in line
+        rows = (run / "metrics.jsonl").read_text()
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143  # 128 + SIGTERM, as a shell reports a process a scheduler stopped
+    assert "stopped (signal)" in out and "re-run the same command to resume" in out
+    assert (run / "metrics.jsonl").read_text().startswith(rows)  # the refused start wrote nothing into the run
+    assert (run / "lock").read_text() == ""  # released
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    pid = dead_pid()
+    (run / "lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then"}))
+    code, out, err = cli(capsys, *TRAIN, "--steps", "2", "--out", run, "--no-progress")
+    assert code == 0, err
+    assert f"took over the run directory from pid {pid}" in err
+    assert (run / "snapshot-00000002.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. a damaged or hostile newest checkpoint
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_bitwise(tmp_path, capsys):
+    reference = tmp_path / "reference"
+    train(tiny_cfg(12), reference, progress=False)
+    run = tmp_path / "run"
+    train(tiny_cfg(12), run, until_step=8, progress=False)  # checkpoints 0, 4, 8
+    newest = run / "checkpoints" / "checkpoint-00000008.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # cut mid-transfer
+    result = train(tiny_cfg(12), run, progress="lines")
+    out, err = capsys.readouterr()
+    assert result.finished
+    warning = [line for line in err.splitlines() if "damaged" in line]
+    assert len(warning) == 1 and "checkpoint-00000008.pt" in warning[0] and "resuming from checkpoint-00000004.pt" \
+        in warning[0] and " ..." not in warning[0][-5:]
+    assert (run / "checkpoints" / "checkpoint-00000008.pt.damaged").read_bytes() == data[: len(data) // 2]  # kept
+    assert "resuming from" in out and "(step 4 of 12)" in out  # said under --no-progress too
+    a, b = state_of(run)[0], state_of(reference)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hostile_newest_checkpoint_stops_with_how_to_continue(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_cfg(8), run, progress=False)
+    marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
+
+    class Hostile:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "x": Hostile()}, run / "checkpoints" / "checkpoint-00000012.pt")
+    code, _, err = cli(capsys, *TRAIN, "--steps", "16", "--out", run)
+    line = error_line(err)
+    assert code == 2 and not marker.exists()
+    assert "checkpoint-00000012.pt" in line and "To continue, delete it" in line
+    assert "--resume " + str(run / "checkpoints" / "checkpoint-00000008.pt") in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. garbage with exit code 0
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("small") / "run"
+    sets = [*TINY, "train.total_steps=8", "train.batch_size=8", "checkpoint.every_steps=4",
+            "train.ema_power_stds=[0.05,0.1]", "train.ema_power_every_steps=2"]
+    train(load_config("slct", "digits", sets=sets), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "1000", "0"])
+def test_sample_refuses_a_sigma_mid_outside_the_grid(small_run, tmp_path, capsys, value):
+    out = tmp_path / "s"
+    code, _, err = cli(capsys, "sample", small_run, "--n", "2", "--nfe", "2", "--device", "cpu", "--out", out,
+                       "--sigma-mid", value)
+    line = error_line(err)
+    assert code == 2 and "--sigma-mid must be a noise level in (0.002, 80)" in line
+    assert not out.exists()
+
+
+def test_bit_rot_in_a_snapshot_is_refused_not_sampled_as_black_images(small_run, tmp_path, capsys):
+    snap = sorted(small_run.glob("snapshot-*.pt"))[-1]
+    payload = checkpoint.load(snap, expect=checkpoint.SNAPSHOT_FORMAT)
+    name = payload["ema_default"]
+    key = next(k for k, v in payload["ema"][name].items() if v.numel() > 1024)
+    view = payload["ema"][name][key].view(-1)
+    view[:1024] = torch.frombuffer(bytearray(b"\xff" * 4096), dtype=torch.float32)  # 4 KB of 0xff bytes: NaNs
+    rotten = tmp_path / "snapshot-rotten.pt"
+    torch.save(payload, rotten)
+    out = tmp_path / "s"
+    code, _, err = cli(capsys, "sample", rotten, "--n", "2", "--nfe", "1", "--device", "cpu", "--out", out)
+    line = error_line(err)
+    assert code == 2 and "non-finite values (1024 of" in line and key in line and "damaged" in line
+    assert not out.exists()
+
+
+def test_non_finite_samples_are_an_error_not_a_file(small_run, tmp_path):
+    from slct.sampling import load_snapshot
+
+    snap = load_snapshot(small_run, device="cpu")
+    forward = snap.model.forward
+    snap.model.forward = lambda x, *a, **k: forward(x, *a, **k) * float("nan")
+    with pytest.raises(ValueError, match=r"2 of 2 samples at 1 NFE are not finite \(first: seed 5\)"):
+        snap.sample_latents([5, 6], 1)
+
+
+def test_ema_refuses_a_step_past_the_stored_ones_and_a_poor_fit(small_run, capsys):
+    code, _, err = cli(capsys, "ema", small_run, "--std", "0.08", "--step", "100")
+    assert code == 2 and "--step 100 is past the newest stored power EMA (step 8)" in error_line(err)
+    # at step 3 only step 2's EMAs exist: no combination of them is the EMA at step 3 (its weights sum to 0.01)
+    code, _, err = cli(capsys, "ema", small_run, "--std", "0.08", "--step", "3")
+    assert code == 2 and "the profile fit error is 100% (at most 10% accepted)" in error_line(err)
+    assert not (small_run / "posthoc-ema").exists()
+    code, out, _ = cli(capsys, "ema", small_run, "--std", "0.08")
+    assert code == 0 and "std=0.08 at step 8" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. a reference of another resolution
+
+
+def test_eval_refuses_a_reference_of_another_image_size(small_run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    for flags, name in (([], "native"), (["--resolution", "4"], "r4"), (["--resolution", "8"], "r8")):
+        code, _, err = cli(capsys, "eval", "ref", folder, "--extractor", "pixels", "--out", tmp_path / f"{name}.npz",
+                           "--no-progress", *flags)
+        assert code == 0, err
+    assert json.loads((tmp_path / "native.json").read_text())["image_size"] == [16, 16]
+    evaluate = ["eval", "--snapshot", small_run, "--n", "4", "--nfe", "1", "--device", "cpu", "--no-progress"]
+    for name, size in (("native", "16x16"), ("r4", "4x4")):
+        code, _, err = cli(capsys, *evaluate, "--ref", tmp_path / f"{name}.npz")
+        line = error_line(err)
+        assert code == 2 and f"statistics of {size} px images" in line and "makes 8x8 px images" in line
+        assert f"slct eval ref {folder} --resolution 8 --extractor pixels" in line
+    code, out, err = cli(capsys, *evaluate, "--ref", tmp_path / "r8.npz")
+    assert code == 0, err
