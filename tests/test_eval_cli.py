@@ -113,6 +113,7 @@ def test_cli_snapshot_evaluation_records_what_reproduces_it(tmp_path, monkeypatc
 
     class FakeSnapshot:
         num_classes = 0
+        image_size = (4, 4)  # what _images_for makes
 
         def labels(self, seeds, spec=None):
             return None

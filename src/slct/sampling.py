@@ -312,6 +312,11 @@ class Snapshot:
         return self._codec
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the decoded images."""
+        return tuple(side * self.codec.downsample for side in self.latent_shape[-2:])
+
+    @property
     def class_names(self) -> list[str]:
         names = (self.data_source or {}).get("class_names") or []
         return [str(c) for c in names] if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]

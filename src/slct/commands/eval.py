@@ -244,9 +244,8 @@ def run_eval(args) -> int:
     else:
         sampling = importlib.import_module("slct.sampling")  # the training system's snapshot API
         snap = sampling.load_snapshot(args.snapshot, device=device, **({} if args.ema is None else {"ema": args.ema}))
-        size = tuple(side * snap.codec.downsample for side in snap.latent_shape[-2:])
         for path, ref in zip(args.ref, refs):
-            check_image_size(ref.manifest, size, path, f"the model ({snap.path.name})")
+            check_image_size(ref.manifest, snap.image_size, path, f"the model ({Path(args.snapshot).name})")
         overlaps = [check_held_out(getattr(snap, "data_source", None), ref.manifest, path)
                     for path, ref in zip(args.ref, refs)]
         info = snap.info()
