@@ -225,3 +225,76 @@ def test_eval_refuses_a_reference_of_another_image_size(small_run, tmp_path, cap
         assert f"slct eval ref {folder} --resolution 8 --extractor pixels" in line
     code, out, err = cli(capsys, *evaluate, "--ref", tmp_path / "r8.npz")
     assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. a full disk in export and sample: one line naming the path, nothing left behind
+
+
+def _full_disk_after(calls: int):
+    import errno
+
+    count = {"n": 0}
+
+    def fail(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    from PIL import Image
+
+    original = Image.Image.save
+    return fail
+
+
+def test_sample_on_a_full_disk_leaves_nothing_and_says_where(small_run, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results")
+    monkeypatch.setattr(Image.Image, "save", _full_disk_after(5))
+    code, _, err = cli(capsys, "sample", small_run, "--n", "8", "--nfe", "1", "--device", "cpu", "--out", out,
+                       "--format", "png", "grid", "--batch", "4")
+    line = error_line(err)
+    assert code == 2 and "no space left on" in line and f"while writing samples to {out}; nothing was written" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "sample", small_run, "--n", "8", "--nfe", "1", "--device", "cpu", "--out", out,
+                       "--format", "png", "grid")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["grid-nfe1.png", "keep.txt", "nfe1"]
+    assert len(list((out / "nfe1").iterdir())) == 8
+
+
+def test_export_on_a_full_disk_leaves_nothing_and_the_retry_works(small_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    pytest.importorskip("diffusers")
+    from slct import diffusers_pipeline
+
+    real = diffusers_pipeline.SLCTPipeline.save_pretrained
+
+    def full(self, folder, **kwargs):
+        real(self, folder, **kwargs)  # most of the files written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(diffusers_pipeline.SLCTPipeline, "save_pretrained", full)
+    out = tmp_path / "pipe"
+    code, _, err = cli(capsys, "export", small_run, out)
+    line = error_line(err)
+    assert code == 2 and f"while writing the diffusers pipeline to {out}; nothing was written" in line
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary folder
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "export", small_run, out)
+    assert code == 0, err
+    weights = list(out.rglob("*.safetensors"))
+    assert weights and all((w.stat().st_mode & 0o777) == 0o666 & ~_umask() for w in weights)  # not 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

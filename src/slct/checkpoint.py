@@ -47,7 +47,7 @@ class DamagedFileError(UnsafeFileError):
     """A file that cannot be read at all (truncated, corrupted, not a torch file): nothing in it was executed."""
 
 
-def _disk_full(error: BaseException, directory: Path) -> bool:
+def disk_full(error: BaseException, directory: Path) -> bool:
     # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos", not as ENOSPC
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
@@ -71,13 +71,53 @@ def atomic_write(path: str | Path, write: Callable, what: str | None = None) -> 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        full = _disk_full(e, path.parent)  # measured before the partial file is removed
+        full = disk_full(e, path.parent)  # measured before the partial file is removed
         tmp.unlink(missing_ok=True)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: cleaned up, then on their way
             raise
         reason = f"no space left on {path.parent}" if full else f"{type(e).__name__}: {_first_line(e)}"
         raise SaveError(f"{reason} while writing {what or path.name}", disk_full=full) from e
     return path
+
+
+def write_folder_atomic(path: str | Path, fill: Callable[[Path], None], what: str, replace: bool = False) -> Path:
+    """``fill(folder)`` writes a folder's files into a temporary folder beside ``path``, which is then renamed to
+    ``path``: a failed write leaves nothing behind; a write error (a full disk) raises ``SaveError`` in one line
+    naming ``path``, any other error propagates as it is. Files get the mode the umask gives new files (some writers create them 0600).
+
+    ``path`` must not exist or be an empty folder; with ``replace``, an existing ``path`` is swapped out whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        mode = 0o666 & ~_umask()
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(mode)
+        if replace and path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)  # rename(2) takes the place of a missing or empty folder
+    except BaseException as e:
+        full = disk_full(e, path.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (full or isinstance(e, OSError)):  # bad input, an interrupt: cleaned up, then on their way as they are
+            raise
+        reason = f"no space left on {path.parent}" if full else f"{type(e).__name__}: {_first_line(e)}"
+        raise SaveError(f"{reason} while writing {what} to {path}; nothing was written", disk_full=full) from e
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_atomic(obj, path: str | Path, what: str | None = None) -> Path:

@@ -24,7 +24,11 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose another OUT")
-    export_diffusers(args.snapshot, out, ema=args.ema)
+    from slct.checkpoint import write_folder_atomic
+
+    # everything is written beside OUT and renamed into place: a full disk leaves no half-written folder behind
+    write_folder_atomic(out, lambda folder: export_diffusers(args.snapshot, folder, ema=args.ema),
+                        what="the diffusers pipeline")
     print(f"diffusers pipeline -> {out}\n  load: DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True) "
           f"or slct.diffusers_pipeline.load_pipeline({str(out)!r})\n  sample: pipe(seeds=range(16), "
           "num_inference_steps=1).images")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
+
+from slct.cli import one_line
 
 HELP = "generate images from a snapshot (1-step, 2-step, k-step; per-sample seeds; PNGs, a grid or .npz)"
 
@@ -47,12 +51,9 @@ def check_sigma_mid(sigma_mid: float, objective_cfg) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
     import torch
-    from tqdm.auto import tqdm
 
     from slct import distributed
-    from slct.images import save_grid, save_pngs, to_uint8
     from slct.sampling import find_snapshot, load_snapshot
     from slct.training import resolve_device
 
@@ -78,8 +79,41 @@ def run(args) -> int:
         base = base.parent
     out = Path(args.out) if args.out else base / "samples-cli"
     seeds = list(range(args.seed, args.seed + args.n))
+    # every file is written into a staging folder beside OUT and moved into OUT at the end: a full disk or an error
+    # leaves OUT as it was, with no partial set of samples in it
+    stage = out.with_name(f".{out.name}.partial")
+    try:
+        written = _write_samples(args, snap, nfes, seeds, stage, out, dist)
+        distributed.barrier()
+        if dist.is_main:
+            _publish(stage, out)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
+        from slct.checkpoint import SaveError, disk_full
+
+        full = disk_full(e, out.parent if out.parent.exists() else Path("."))
+        reason = f"no space left on {out.parent}" if full else f"{type(e).__name__}: {one_line(e)}"
+        raise SaveError(f"{reason} while writing samples to {out}; nothing was written", disk_full=full) from e
+    for line in written if dist.is_main else []:
+        print(line)
+    distributed.shutdown()
+    return 0
+
+
+def _write_samples(args, snap, nfes, seeds, stage: Path, out: Path, dist) -> list[str]:
+    """Generate every NFE's samples and write them under ``stage``; returns the lines naming where they will be."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from slct import distributed
+    from slct.images import save_grid, save_pngs, to_uint8
+
     mine = seeds[dist.rank::dist.world_size]  # disjoint shares; each sample depends on its seed only
-    formats = set(args.format)
+    formats, lines = set(args.format), []
+    stage.mkdir(parents=True, exist_ok=True)
     for nfe in nfes:
         images, latents, labels = [], [], []
         for i in tqdm(range(0, len(mine), args.batch), desc=f"nfe={nfe}", disable=not dist.is_main):
@@ -89,7 +123,7 @@ def run(args) -> int:
             x = snap.decode(z)
             labels.append(y if y is not None else torch.full((len(chunk),), -1))
             if "png" in formats:
-                save_pngs(x, out / f"nfe{nfe}", [f"{s:06d}.png" for s in chunk])
+                save_pngs(x, stage / f"nfe{nfe}", [f"{s:06d}.png" for s in chunk])
             if formats & {"grid", "npz"}:
                 images.append(x.cpu())
                 latents.append(z.cpu())
@@ -104,15 +138,25 @@ def run(args) -> int:
         x = torch.stack([gathered[k][1][j] for _, k, j in order])
         z = torch.stack([gathered[k][2][j] for _, k, j in order])
         y = torch.stack([gathered[k][3][j] for _, k, j in order])
-        out.mkdir(parents=True, exist_ok=True)
         if "grid" in formats:
-            print(f"nfe={nfe}: {len(seeds)} samples -> {save_grid(x, out / f'grid-nfe{nfe}.png')}")
+            save_grid(x, stage / f"grid-nfe{nfe}.png")
+            lines.append(f"nfe={nfe}: {len(seeds)} samples -> {out / f'grid-nfe{nfe}.png'}")
         if "npz" in formats:
-            path = out / f"samples-nfe{nfe}.npz"
             extra = {"labels": y.numpy(), "class_names": np.array(snap.class_names)} if snap.num_classes else {}
-            np.savez(path, images=to_uint8(x), latents=z.numpy(), seeds=np.array(seeds), **extra)
-            print(f"nfe={nfe}: {len(seeds)} samples -> {path}")
-    if dist.is_main and "png" in formats:
-        print(f"{len(seeds)} samples per NFE -> {out}/nfe*/")
-    distributed.shutdown()
-    return 0
+            np.savez(stage / f"samples-nfe{nfe}.npz", images=to_uint8(x), latents=z.numpy(), seeds=np.array(seeds),
+                     **extra)
+            lines.append(f"nfe={nfe}: {len(seeds)} samples -> {out / f'samples-nfe{nfe}.npz'}")
+    if "png" in formats:
+        lines.append(f"{len(seeds)} samples per NFE -> {out}/nfe*/")
+    return lines
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move what ``stage`` holds into ``out`` (an entry of the same name there is replaced), then remove ``stage``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(stage.iterdir()):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    stage.rmdir()
