@@ -329,11 +329,12 @@ def test_odd_images_are_converted_or_skipped_with_a_reason(tmp_path, capsys):
     assert [(s["name"], s["reason"]) for s in manifest["skipped"]] == [("d-tiny.png", "too-small")]
     converted = {(c["name"], c["reason"]) for c in manifest["converted"]}
     assert converted == {("a-grey16.png", "16-bit"), ("b-rgba.png", "alpha"), ("c-la.png", "alpha"),
-                         ("f-anim.gif", "first-frame"), ("g-palette-transparent.png", "alpha")}
-    assert manifest["converted_counts"] == {"16-bit": 1, "alpha": 3, "first-frame": 1}
+                         ("f-anim.gif", "first-frame"), ("f-anim.gif", "palette"),
+                         ("g-palette-transparent.png", "alpha")}
+    assert manifest["converted_counts"] == {"16-bit": 1, "alpha": 3, "first-frame": 1, "palette": 1}
     assert manifest["ignored_files"] == {".txt": 1}
     assert "skipped images: 1 (too-small 1)" in console
-    assert "converted images: 5 (16-bit 1, alpha 3, first-frame 1)" in console
+    assert "converted images: 6 (16-bit 1, alpha 3, first-frame 1, palette 1)" in console
     assert "ignored 1 file(s) that are not images: .txt 1" in console
 
     # the background and the minimum size are flags

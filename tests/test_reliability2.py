@@ -298,3 +298,59 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. encode reads linked folders and lists every entry it could not read
+
+
+def test_encode_follows_linked_folders_and_lists_what_it_cannot_read(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def image(path, mode="RGB"):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).convert(mode).save(path)
+
+    elsewhere = tmp_path / "elsewhere" / "cats"
+    elsewhere.mkdir(parents=True)
+    for i in range(3):
+        image(elsewhere / f"cat{i}.png")
+    root = tmp_path / "data"
+    (root / "dogs").mkdir(parents=True)
+    for i in range(2):
+        image(root / "dogs" / f"dog{i}.png")
+    image(root / "cmyk.jpg", "CMYK")
+    image(root / "palette.png", "P")
+    (root / "cats").symlink_to(elsewhere, target_is_directory=True)  # a class assembled from a link
+    (root / "dogs" / "loop").symlink_to(root, target_is_directory=True)  # a link back up
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(root / "pipe.jpg")  # would block a reader forever
+    (root / "locked").mkdir()
+    image(root / "locked" / "hidden.png")
+    real_scandir = os.scandir
+
+    def scandir(path):  # root ignores permissions: an unreadable directory as a non-root user sees it
+        if os.path.basename(str(path)) == "locked":
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = cli(capsys, "encode", root, "--out", tmp_path / "latents", "--codec", "identity",
+                         "--resolution", "8", "--workers", "0", "--no-progress")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["count"] == 3 + 2 + 2  # the linked cats, the dogs, the CMYK and palette images
+    skipped = {(s["name"], s["reason"]) for s in manifest["skipped"]}
+    assert skipped == {("dogs/loop", "symlink-loop"), ("gone.png", "broken-link"), ("pipe.jpg", "not-a-file"),
+                       ("locked", "unreadable-directory")}
+    assert "a FIFO, not a regular file" in {s["detail"] for s in manifest["skipped"]}
+    converted = {(c["name"], c["reason"]) for c in manifest["converted"]}
+    assert {("cmyk.jpg", "cmyk"), ("palette.png", "palette")} <= converted
+    assert "skipped images: 4 (" in out and "unreadable-directory 1" in out and "symlink-loop 1" in out
+    assert "encode identity 8px: 7/7 images (100%)" in out  # plain progress lines under --no-progress
+    code, _, err = cli(capsys, "encode", root, "--out", tmp_path / "strict", "--codec", "identity",
+                       "--resolution", "8", "--workers", "0", "--strict")
+    line = error_line(err)
+    assert code == 2 and "cannot read 'dogs/loop'" in line and "(4 such entries; without --strict" in line

@@ -127,14 +127,18 @@ def temporal_differences(model: torch.nn.Module, x0: torch.Tensor, n_scales: int
     out = []
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(x0), batch_size), desc=desc, unit="batch", disable=not progress):
-        x = x0[start:start + batch_size].float()
-        i = sample_timestep_indices(n_scales, len(x), generator=generator)
-        z = torch.randn(x.shape, generator=generator)
-        t_lo, t_hi = sigmas[i].view(-1, 1, 1, 1), sigmas[i + 1].view(-1, 1, 1, 1)
-        f_hi = model((x + t_hi * z).to(device), t_hi.flatten().to(device))
-        f_lo = model((x + t_lo * z).to(device), t_lo.flatten().to(device))
-        out.append((f_hi - f_lo).float().cpu())
+    # counted in samples and advanced after each pass: a pixel-space batch takes long, a bar of batches sat at 0/1
+    with tqdm(total=len(x0), desc=desc, unit="sample", disable=not progress) as bar:
+        for start in range(0, len(x0), batch_size):
+            x = x0[start:start + batch_size].float()
+            i = sample_timestep_indices(n_scales, len(x), generator=generator)
+            z = torch.randn(x.shape, generator=generator)
+            t_lo, t_hi = sigmas[i].view(-1, 1, 1, 1), sigmas[i + 1].view(-1, 1, 1, 1)
+            f_hi = model((x + t_hi * z).to(device), t_hi.flatten().to(device))
+            bar.update(len(x) / 2)
+            f_lo = model((x + t_lo * z).to(device), t_lo.flatten().to(device))
+            bar.update(len(x) / 2)
+            out.append((f_hi - f_lo).float().cpu())
     return torch.cat(out)
 
 

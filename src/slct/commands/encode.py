@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resample", default="bicubic", choices=["bicubic", "lanczos", "bilinear", "box", "nearest"],
                    help="resize filter")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples (sd-vae-*)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line every 30 s instead (logs, nohup)")
 
 
 def codec_kwargs(args: argparse.Namespace) -> dict:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = encode_dataset(
         args.source, out_dir, codec, args.resolution, batch_size=args.batch, hflip_copies=args.hflip_copies,
         strict=args.strict, num_workers=args.workers, device=args.device, shard_size=args.shard_size,
-        progress=not args.no_progress, labels=args.labels, limit=args.limit, dtype=args.dtype,
+        progress="lines" if args.no_progress else True, labels=args.labels, limit=args.limit, dtype=args.dtype,
         holdout=args.holdout, split=args.split or ("train" if args.holdout else "all"),
         resample=args.resample, seed=args.seed, alpha_background=args.alpha_background, min_size=args.min_size)
     g = manifest["stats"]["global"]

@@ -178,7 +178,7 @@ def _check_same(existing: dict, config: dict, out_dir: Path) -> None:
 def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.PathLike,
                    codec: Codec | str | dict, resolution: int, batch_size: int = 64, hflip_copies: bool = False,
                    strict: bool = False, num_workers: int | None = None, device: str | torch.device | None = None,
-                   shard_size: int = 4096, progress: bool = True, *, labels: str = "none",
+                   shard_size: int = 4096, progress: bool | str = True, *, labels: str = "none",
                    limit: int | None = None, dtype: str = "float32", resample: str = "bicubic",
                    seed: int = 0, holdout: int = 0, split: str = "all", alpha_background: str = "white",
                    min_size: int | None = None) -> dict:
@@ -204,8 +204,10 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
         alpha_background: what transparent pixels are composited on ("white", "black", "grey").
         min_size: images whose shorter side is below this many px are skipped (0: none; None: resolution / 4).
 
-    Every skipped image (unreadable, too small) and every converted one (16-bit, transparency, first frame of an
-    animation, EXIF rotation) is listed in the manifest with its reason; non-image files are counted there too.
+    Every skipped image (unreadable, too small), every entry of a folder that could not be read (an unreadable
+    directory, a symlink loop, a broken link, a FIFO named like an image) and every converted image (16-bit,
+    transparency, first frame of an animation, EXIF rotation, CMYK, palette) is listed in the manifest with its
+    reason; non-image files are counted there too.
     """
     out_dir = Path(out_dir)
     codec = _as_codec(codec)
@@ -218,6 +220,10 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
     if shard_size < copies or shard_size % copies:
         raise ValueError(f"shard_size must be a positive multiple of {copies}, got {shard_size}")
     src = open_source(source, labels)
+    if strict and src.not_read:
+        first = src.not_read[0]
+        raise ValueError(f"cannot read {first['name']!r} in {src.path}: {first['reason']}: {first['detail']} "
+                         f"({len(src.not_read)} such entries; without --strict they are skipped and listed)")
     if labels == "none" and looks_like_class_folder(src.names):
         print(f"note: {src.path} looks like a class folder; pass labels='folder' (--labels folder) to keep labels",
               file=sys.stderr)
@@ -264,7 +270,7 @@ def encode_dataset(source: str | os.PathLike | ImageSource, out_dir: str | os.Pa
             bar.update(len(batch))
         writer.finish_shard()  # the last, shorter one
     bar.close()
-    return _finish(out_dir, state, writer.stats, writer.skipped, writer.converted, src.ignored)
+    return _finish(out_dir, state, writer.stats, writer.skipped, writer.converted, src.ignored, src.not_read)
 
 
 def _as_codec(codec: Codec | str | dict) -> Codec:
@@ -370,17 +376,21 @@ class _ShardWriter:
         self._start_shard()
 
 
-def _progress_bar(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="img", smoothing=0.1,
-                dynamic_ncols=True)
+def _progress_bar(total: int, initial: int, enabled: bool | str, desc: str):
+    from slct.progress import progress_bar
+
+    if enabled == "lines":
+        return progress_bar(total, "lines", initial, desc, unit="images")
+    return progress_bar(total, "bar" if enabled else "none", initial, desc, unit="img", smoothing=0.1,
+                        dynamic_ncols=True)
 
 
 def _finish(out_dir: Path, state: dict, stats: StreamingStats, trailing_skipped: list[dict],
-            trailing_converted: list[dict], ignored: dict[str, int]) -> dict:
+            trailing_converted: list[dict], ignored: dict[str, int], not_read: list[dict] = ()) -> dict:
     config = state["config"]
     shards = state["shards"]
-    skipped = [s for r in shards for s in r["skipped"]] + trailing_skipped
+    # entries of the source that were never images to read (unreadable directories, links, FIFOs) come first
+    skipped = list(not_read) + [s for r in shards for s in r["skipped"]] + trailing_skipped
     converted = [c for r in shards for c in r.get("converted", [])] + trailing_converted
     if not shards:
         raise ValueError(f"none of the {config['selection']['count']} images of {config['source']['path']} "

@@ -54,6 +54,9 @@ RESAMPLE: dict[str, int] = {
 }
 
 COLOR_MODES = {1: "L", 3: "RGB"}  # image channels -> PIL mode
+# modes whose conversion changes what the pixels mean (listed in the manifest): mode -> reason
+COLOUR_CONVERSIONS = {"CMYK": "cmyk", "P": "palette", "PA": "palette", "YCbCr": "colour-space", "LAB": "colour-space",
+                      "HSV": "colour-space", "1": "bilevel"}
 
 
 def _is_image(name: str) -> bool:
@@ -92,12 +95,67 @@ def looks_like_class_folder(names: list[str]) -> bool:
     return len(parts) > 0 and all(len(p) == 2 for p in parts) and len({p[0] for p in parts}) >= 2
 
 
+def walk_folder(root: Path) -> tuple[list[str], list[dict]]:
+    """Every regular file below ``root`` (sorted, root-relative, '/'-separated) and what could not be read, each as
+    {"name", "reason", "detail"}: directory symlinks are followed (a class assembled from links is read), each real
+    directory once (a link back up is a symlink loop, not an endless walk); unreadable directories, broken links
+    and image-named entries that are not regular files (a FIFO, a socket) are listed, never silently dropped."""
+    files: list[str] = []
+    problems: list[dict] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(folder: Path, rel: str) -> None:
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            problems.append({"name": rel or ".", "reason": "symlink-loop",
+                             "detail": f"links to {os.path.realpath(folder)}, a directory already read"})
+            return
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            problems.append({"name": rel or ".", "reason": "unreadable-directory",
+                             "detail": f"{type(e).__name__}: {e.strerror or e}"})
+            return
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    visit(Path(entry.path), name)
+                elif entry.is_file(follow_symlinks=True):
+                    files.append(name)
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    problems.append({"name": name, "reason": "broken-link",
+                                     "detail": f"links to {os.readlink(entry.path)}, which does not exist"})
+                elif _is_image(name):
+                    kind = _file_kind(entry.path)
+                    problems.append({"name": name, "reason": "not-a-file", "detail": f"a {kind}, not a regular file"})
+            except OSError as e:  # a link loop of files, a permission error on stat
+                reason = "symlink-loop" if e.errno == 40 else "unreadable"
+                problems.append({"name": name, "reason": reason, "detail": f"{type(e).__name__}: {e.strerror or e}"})
+
+    visit(root, "")
+    return sorted(files), problems
+
+
+def _file_kind(path: str) -> str:
+    import stat
+
+    mode = os.stat(path).st_mode
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
 class ImageSource:
     """Base: ``names`` (sorted, one per image), ``labels`` (int64 array or None), ``classes``."""
 
     kind = "images"
     names: list[str]
     ignored: dict[str, int] = {}  # files that are not images PIL reads, counted by extension
+    not_read: list[dict] = []  # entries that could not be listed or read as files: {"name", "reason", "detail"}
     labels: np.ndarray | None = None
     label_mode: str = "none"  # where the labels come from: "none", "folder", "array"
     classes: list[str] = []
@@ -127,8 +185,8 @@ class FolderSource(ImageSource):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.path = str(self.root.resolve())
-        files = [p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()]
-        self.names = sorted(n for n in files if _is_image(n))
+        files, self.not_read = walk_folder(self.root)
+        self.names = [n for n in files if _is_image(n)]
         self.ignored = _ignored(files)
         self.labels, self.classes = _folder_labels(self.names, str(self.root), labels)
         self.label_mode = labels
@@ -255,6 +313,8 @@ def normalize_image(image: Image.Image, channels: int = 3, alpha_background: str
                                    f"{alpha_background}"))
         else:
             image = rgba
+    if image.mode in COLOUR_CONVERSIONS:
+        notes.append((COLOUR_CONVERSIONS[image.mode], f"mode {image.mode} converted to {COLOR_MODES[channels]}"))
     return image.convert(COLOR_MODES[channels])
 
 
