@@ -354,3 +354,75 @@ def test_encode_follows_linked_folders_and_lists_what_it_cannot_read(tmp_path, c
                        "--resolution", "8", "--workers", "0", "--strict")
     line = error_line(err)
     assert code == 2 and "cannot read 'dogs/loop'" in line and "(4 such entries; without --strict" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. smaller ones
+
+
+def test_a_manifest_without_codec_is_one_line(small_run, tmp_path, capsys):
+    from slct.data import LatentDataset
+
+    data = tmp_path / "latents"
+    source = LatentDataset("builtin:digits8").path
+    data.mkdir()
+    for f in source.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["codec"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = cli(capsys, *TRAIN, "--data", data, "--steps", "2", "--out", tmp_path / "run")
+    line = error_line(err)
+    assert code == 2 and "lacks 'codec'" in line and "encode the images again" in line
+
+
+@pytest.mark.parametrize("value, message", [("-0.001", "optim.lr must be a finite number > 0"),
+                                            ("0", "optim.lr must be a finite number > 0"),
+                                            (".nan", "optim.lr must be a finite number > 0")])
+def test_a_learning_rate_that_cannot_train_is_refused(tmp_path, capsys, value, message):
+    code, _, err = cli(capsys, *TRAIN, "--steps", "2", "--set", f"optim.lr={value}", "--out", tmp_path / "run")
+    assert code == 2 and message in error_line(err) and not (tmp_path / "run").exists()
+
+
+def test_the_16px_builtin_digits_train_with_the_digits_preset(tmp_path, capsys):
+    code, _, err = cli(capsys, *TRAIN, "--data", "builtin:digits", "--steps", "2", "--out", tmp_path / "run",
+                       "--no-progress")
+    assert code == 0, err
+
+
+def test_sampling_a_run_whose_checkpoint_is_newer_than_its_snapshot_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(8, "checkpoint.every_steps=2")
+    train(cfg, run, until_step=4, progress=False)  # a snapshot at the stop, step 4
+
+    def crash(step, loss):
+        if step == 6:
+            raise RuntimeError("the machine went away")  # after checkpoint 6, before any snapshot
+        return loss
+
+    with pytest.raises(RuntimeError, match="went away"):
+        train(cfg, run, progress=False, loss_hook=crash)
+    code, _, err = cli(capsys, "sample", run, "--n", "2", "--nfe", "1", "--device", "cpu", "--out", tmp_path / "s")
+    assert code == 0
+    assert "newest snapshot is from step 4, its newest checkpoint from step 6" in err
+
+
+def test_eval_on_a_cpu_says_that_50k_samples_take_long(small_run, tmp_path, capsys):
+    from slct.eval import get_extractor
+    from slct.eval.reference import reference_from_images, save_reference
+
+    ref = save_reference(reference_from_images(torch.zeros(4, 1, 4, 4), get_extractor("pixels", size=4)),
+                         tmp_path / "r.npz")  # 4x4 images: refused after the notice, before any sampling
+    code, _, err = cli(capsys, "eval", "--snapshot", small_run, "--ref", ref, "--device", "cpu")
+    assert code == 2 and "note: 50,000 samples per NFE on the CPU take long" in err
+    assert "statistics of 4x4 px images" in error_line(err)
+
+
+def test_the_td_progress_counts_samples(capsys):
+    from slct.analyze import build_td_model, temporal_differences
+
+    model, _ = build_td_model("unet-tiny", None, (1, 8, 8))
+    temporal_differences(model, torch.zeros(6, 1, 8, 8), 11, torch.Generator().manual_seed(0), batch_size=4,
+                         progress=True)
+    err = capsys.readouterr().err
+    assert " 6/6 " in err and "sample/s" in err

@@ -135,9 +135,9 @@ def temporal_differences(model: torch.nn.Module, x0: torch.Tensor, n_scales: int
             z = torch.randn(x.shape, generator=generator)
             t_lo, t_hi = sigmas[i].view(-1, 1, 1, 1), sigmas[i + 1].view(-1, 1, 1, 1)
             f_hi = model((x + t_hi * z).to(device), t_hi.flatten().to(device))
-            bar.update(len(x) / 2)
+            bar.update(len(x) // 2)
             f_lo = model((x + t_lo * z).to(device), t_lo.flatten().to(device))
-            bar.update(len(x) / 2)
+            bar.update(len(x) - len(x) // 2)
             out.append((f_hi - f_lo).float().cpu())
     return torch.cat(out)
 

@@ -12,6 +12,7 @@ the wrong type is a ValueError that names the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ def read_yaml(text: str):
 
 @dataclass
 class DataConfig:
-    path: str = ""  # latent dataset directory (from `slct encode`) or "builtin:digits"
+    path: str = ""  # latent dataset directory (from `slct encode`), "builtin:digits8" (8x8) or "builtin:digits" (16x16)
     normalization: str = "per-element"  # REFERENCE [7]: per-element | per-channel | scale | none
     scale: float | None = None  # the factor for normalization "scale" (e.g. 0.18215)
     hflip: bool = False  # random latent flips: only valid for pixel/identity codecs
@@ -162,6 +163,7 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        self._validate_optim()
         if self.train.max_rollbacks < 0 or not 0 < self.train.rollback_lr_factor <= 1:
             raise ValueError(f"train.max_rollbacks must be >= 0 and train.rollback_lr_factor in (0, 1], got "
                              f"{self.train.max_rollbacks} and {self.train.rollback_lr_factor}")
@@ -197,6 +199,22 @@ class Config:
                              f"{', '.join(names)}")
         if self.data.normalization == "scale" and self.data.scale is None:
             raise ValueError("data.normalization 'scale' needs data.scale (e.g. 0.18215)")
+
+
+    def _validate_optim(self) -> None:
+        o = self.optim
+        finite = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if not (finite(o.lr) and o.lr > 0):
+            raise ValueError(f"optim.lr must be a finite number > 0 (the paper: 1e-4), got {o.lr}")
+        for key, value in (("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip)):
+            if not (finite(value) and value >= 0):
+                raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+        if not (finite(o.eps) and o.eps > 0):
+            raise ValueError(f"optim.eps must be a finite number > 0, got {o.eps}")
+        if len(o.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in o.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

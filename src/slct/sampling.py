@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,8 +368,11 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
     from slct.nn import build_network
     from slct.precond import wrap_network
 
+    run_dir = Path(path) if Path(path).is_dir() else None
     path = find_snapshot(path)
     payload = checkpoint.load(path, expect=(SNAPSHOT_FORMAT, checkpoint.CHECKPOINT_FORMAT))  # never runs its code
+    if run_dir is not None:
+        _note_newer_checkpoint(run_dir, int(payload["step"]))
     if payload["format"] == checkpoint.CHECKPOINT_FORMAT:  # a training checkpoint: its EMAs and online weights
         state = payload["ema"]
         names = state.get("names") or [str(float(d)) for d in state.get("decays", [])]
@@ -389,6 +393,19 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
                     tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["state"]["step"]
                     if "state" in payload else payload["step"]), name, device,
                     data_source=payload.get("data_source"))
+
+
+def _note_newer_checkpoint(run_dir: Path, snapshot_step: int) -> None:
+    """Say so when a run directory's newest checkpoint is newer than the snapshot taken from it (a run killed
+    between the two writes): sampling the run then uses older weights than it trained to."""
+    newest = checkpoint.latest_checkpoint(run_dir)
+    if newest is None:
+        return
+    step = int(newest.stem.split("-")[1])
+    if step > snapshot_step:
+        print(f"note: {run_dir}'s newest snapshot is from step {snapshot_step}, its newest checkpoint from step {step}; "
+              f"using the snapshot (pass {newest} to use the checkpoint's weights, or resume the run to write a "
+              "snapshot)", file=sys.stderr)
 
 
 def check_finite_weights(state: dict, what: str) -> None:

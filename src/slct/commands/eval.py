@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref", nargs="+", default=None, metavar="STATS.npz",
                    help="reference statistics (from `slct eval ref`); several (e.g. inception and vgg16) share "
                    "one pass of generation")
-    p.add_argument("--n", type=int, default=50_000, help="samples generated from --snapshot")
+    p.add_argument("--n", type=int, default=50_000,
+                   help="samples generated from --snapshot per NFE (50,000: the FID protocol; on a CPU that takes "
+                   "long, --n 5000 gives a quicker, noisier estimate)")
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations to evaluate; None: the run's (1 2 for consistency models)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch or process count")
@@ -242,6 +245,9 @@ def run_eval(args) -> int:
         record.update(images=str(Path(args.images).resolve()), n=count)
         first = "source"
     else:
+        if device.type == "cpu" and args.n >= 10_000 and dist.is_main and not args.no_progress:
+            print(f"note: {args.n:,} samples per NFE on the CPU take long (the bar shows the estimate); --n 5000 "
+                  "gives a quicker, noisier FD", file=sys.stderr)
         sampling = importlib.import_module("slct.sampling")  # the training system's snapshot API
         snap = sampling.load_snapshot(args.snapshot, device=device, **({} if args.ema is None else {"ema": args.ema}))
         for path, ref in zip(args.ref, refs):

@@ -29,7 +29,7 @@ def run(args) -> int:
     # everything is written beside OUT and renamed into place: a full disk leaves no half-written folder behind
     write_folder_atomic(out, lambda folder: export_diffusers(args.snapshot, folder, ema=args.ema),
                         what="the diffusers pipeline")
-    print(f"diffusers pipeline -> {out}\n  load: DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True) "
-          f"or slct.diffusers_pipeline.load_pipeline({str(out)!r})\n  sample: pipe(seeds=range(16), "
-          "num_inference_steps=1).images")
+    print(f"diffusers pipeline -> {out}\n  load: slct.diffusers_pipeline.load_pipeline({str(out)!r}) (runs nothing "
+          f"from the folder), or DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True) for folders "
+          "you made yourself\n  sample: pipe(seeds=range(16), num_inference_steps=1).images")
     return 0

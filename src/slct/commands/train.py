@@ -16,7 +16,8 @@ def add_config_arguments(p: argparse.ArgumentParser, default_preset: str | None 
     p.add_argument("--config", default=None, help="a YAML file of config values (applied after the presets)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set objective.loss=cauchy (repeatable; strict)")
-    p.add_argument("--data", default=None, help="latent dataset directory (from `slct encode`) or builtin:digits")
+    p.add_argument("--data", default=None, help="latent dataset directory (from `slct encode`), or builtin:digits8 (the demo's 8x8 digits) / "
+                   "builtin:digits (16x16)")
     p.add_argument("--network", default=None, help="network preset, e.g. unet-paper, unet-small, dit-b2")
     p.add_argument("--steps", type=int, default=None, help="total training steps K (sets the curriculum length)")
     p.add_argument("--batch", type=int, default=None, help="global batch size")

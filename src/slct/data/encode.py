@@ -138,6 +138,10 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
+# what every reader of a latent dataset relies on
+REQUIRED_KEYS = ("codec", "codec_id", "image_resolution", "latent_shape", "shards", "stats")
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     """The manifest of a latent dataset directory (or of the manifest file itself)."""
     path = Path(path)
@@ -150,9 +154,14 @@ def read_manifest(path: str | os.PathLike) -> dict:
             if (path / STATE).is_file() else ""
         raise FileNotFoundError(f"{file} not found: not a latent dataset directory{hint}")
     try:
-        return json.loads(file.read_text())
+        manifest = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file} is not a latent dataset manifest ({type(e).__name__})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(repr(k) for k in missing)}: not a manifest `slct encode` wrote, or "
+                         "an edited or damaged one; encode the images again (same command, another --out)")
+    return manifest
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
