@@ -2,7 +2,7 @@
 
 Each run trains the digits preset with ``unet-tiny`` for a few steps through the public API (``slct.train``) and is
 reduced to a SHA-256 of everything a resumed or sampled run depends on: the final checkpoint's weights, optimizer
-moments, EMAs and training state, the final snapshot's weights, and metrics.jsonl without its wall-clock fields. The
+moments, EMAs and training state, the final snapshot's weights, and metrics.jsonl without its wall-clock fields (events by their step, not their wording). The
 runs cover every objective, the measured c, a run trained in two slices (resume) and a run that rolls back after
 injected non-finite losses.
 
@@ -79,6 +79,8 @@ def fingerprint(run_dir: Path) -> dict:
                       "snapshot": snap["ema"]})
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
+        if "event" in row:  # when something happened (a rollback, a calibration), not how the line words it
+            row = {"event_step": row.get("event_step")}
         h.update(json.dumps({k: v for k, v in row.items() if k not in VOLATILE}, sort_keys=True).encode())
     weight_sum = float(sum(t.double().sum() for t in ckpt["model"].values() if t.is_floating_point()))
     return {"sha256": h.hexdigest(), "weight_sum": weight_sum, "step": int(ckpt["state"]["step"])}

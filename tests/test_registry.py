@@ -79,7 +79,7 @@ class ToyObjective(Objective):
 
     precond_kind = "edm"
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         sigma = torch.full((x0.shape[0],), self.cfg.toy_sigma, dtype=x0.dtype, device=x0.device)
         total = robust_loss("l2", model(x0 + per_sample(sigma, x0) * z, sigma, labels), x0, reduction="mean")
         return LossTerms(torch.zeros_like(total), total, total, {"toy": 1.0})

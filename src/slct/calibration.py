@@ -10,6 +10,7 @@ import torch
 from slct import distributed
 from slct.coupling import ot_coupling
 from slct.curriculum import CALIBRATED, calibrated_c, num_scales, sample_timestep_indices
+from slct.losses import LOSSES
 from slct.pipeline import step_seed
 
 
@@ -23,8 +24,12 @@ def stage_c(model, objective, dataset, cfg, state, device, dist, logger) -> floa
     if str(n) not in state.c_table:
         c, count = measure_c(model, objective, dataset, cfg, state.step, device, dist)
         state.c_table[str(n)] = c
-        logger.event(f"c calibrated at step {state.step} for N = {n}: {c:.4g} (quantile "
-                     f"{obj.c_calibration_quantile:g} of r over {count} pairs at r/(2c^2) = 1)", state.step)
+        knee = LOSSES[obj.loss].knee
+        lo, hi = obj.c_calibration_bounds
+        clamped = " (clamped to objective.c_calibration_bounds)" if c in (lo, hi) else ""
+        logger.event(f"c calibrated at step {state.step} for N = {n}: {c:.4g}{clamped} (quantile "
+                     f"{obj.c_calibration_quantile:g} of r over {count} pairs at r = {knee:g} c^2, the {obj.loss} "
+                     "loss's knee)", state.step)
     return state.c_table[str(n)]
 
 
@@ -50,4 +55,5 @@ def measure_c(model, objective, dataset, cfg, step: int, device, dist) -> tuple[
         terms = objective(model, x0.to(device), step, noise=noise.to(device), indices=indices, dropout_seed=seed, c=1.0)
         rs.append(terms.r.float().cpu())
     r = torch.cat([torch.as_tensor(part) for part in distributed.gather_objects(torch.cat(rs))])
-    return calibrated_c(r, obj.c_calibration_quantile), len(r)
+    knee = LOSSES[obj.loss].knee
+    return calibrated_c(r, obj.c_calibration_quantile, knee, tuple(obj.c_calibration_bounds)), len(r)

@@ -199,21 +199,28 @@ def c_schedule(name: str, n_scales: int, dim: int, s0: int = 10, *, c0: float | 
 CALIBRATED = "calibrated"
 
 
-def calibrated_c(r: torch.Tensor, quantile: float = 0.5) -> float:
-    """c that puts the ``quantile`` of the measured distances r at the Cauchy loss's knee, r / (2 c^2) = 1.
+def calibrated_c(r: torch.Tensor, quantile: float = 0.5, knee: float = 2.0,
+                 bounds: tuple[float, float] = (0.0, math.inf)) -> float:
+    """c that puts the ``quantile`` of the measured distances r at the robust loss's knee, r = knee x c^2, clamped to
+    ``bounds``.
 
-    log(1 + r / (2c^2)) (eq. 8) is quadratic below the knee and logarithmic above it: this c keeps that share of
-    the pairs in the quadratic regime, whatever the data, network and curriculum stage (eq. 11 fixes c from N alone,
-    fitted to the paper's CelebA-HQ run).
+    The Cauchy loss log(1 + r / (2c^2)) (eq. 6) is quadratic below r = 2c^2 (knee 2) and logarithmic above it;
+    pseudo-Huber's knee is r = c^2 (eq. 7), Geman-McClure's r = 4c^2 (eq. 8) (``slct.losses``: each loss's
+    ``knee``). This c keeps that share of the pairs in the quadratic regime, whatever the data, network and
+    curriculum stage (eq. 11 fixes c from N alone, fitted to the paper's CelebA-HQ run). The bounds keep a
+    degenerate measurement (all r ~ 0 on a collapsed model, say) from setting an absurd scale.
     """
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if not knee > 0:
+        raise ValueError(f"knee must be > 0, got {knee}")
     r = r.detach().double().flatten()
     r = r[torch.isfinite(r)]
     if r.numel() == 0:
         raise ValueError("no finite distance to calibrate c from")
     q = float(torch.quantile(r, quantile))
-    return math.sqrt(max(q, 1e-24) / 2)
+    lo, hi = bounds
+    return min(max(math.sqrt(max(q, 1e-24) / knee), lo), hi)
 
 
 # ---------------------------------------------------------------------------------------------

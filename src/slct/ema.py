@@ -168,6 +168,8 @@ def posthoc_coefficients(stored: list[tuple[int, float]], target: tuple[int, flo
     || sum_i x_i w_i - w_target ||_2 over the per-step weights w (``power_profile``), which is exact when the target
     profile lies in the span of the stored ones (for instance when snapshots exist at every step), and otherwise the
     closest combination (EDM2's post-hoc EMA, with discrete sums instead of integrals so short runs are exact too).
+    The weights are divided by their sum, as EDM2 does: where the fit is exact they already sum to 1, elsewhere an
+    unnormalised combination would shrink or grow every weight of the network.
     """
     if not stored:
         raise ValueError("no stored power-EMA snapshots to reconstruct from")
@@ -184,7 +186,11 @@ def posthoc_coefficients(stored: list[tuple[int, float]], target: tuple[int, flo
         a += w @ w.T
         b += w @ w_r
     x, *_ = np.linalg.lstsq(a, b, rcond=None)
-    return x
+    total = float(x.sum())
+    if not abs(total) > 1e-12:
+        raise ValueError(f"the stored power EMAs cannot make std={std_r:g} at step {t_r}: their least-squares "
+                         "weights sum to 0")
+    return x / total  # a weighted average: the result keeps the weights' scale (EDM2 normalises the same way)
 
 
 def combine(states: list[dict], coefficients) -> dict:

@@ -42,16 +42,18 @@ REDUCTIONS: dict[str, Reduce] = {"mean": _per_sample_mean, "sum": _per_sample_su
 LOSSES: dict[str, Callable[[torch.Tensor, float, Reduce], torch.Tensor]] = {}
 
 
-def register_loss(name: str, *, uses_c: bool = True):
+def register_loss(name: str, *, uses_c: bool = True, knee: float | None = None):
     """Decorator adding ``fn(residual, c, reduce) -> (B,)`` to ``LOSSES`` under ``name``.
 
-    ``uses_c=False`` marks losses without a scale, which then accept ``c=None``.
+    ``uses_c=False`` marks losses without a scale, which then accept ``c=None``. ``knee``: where a robust loss
+    leaves its quadratic regime, as r = knee x c^2 (what ``c_schedule="calibrated"`` puts a quantile of r at).
     """
 
     def decorator(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is already registered")
         fn.uses_c = uses_c
+        fn.knee = knee
         LOSSES[name] = fn
         return fn
 
@@ -68,20 +70,20 @@ def l1(residual, c, reduce):
     return reduce(residual.abs())
 
 
-@register_loss("pseudo_huber")
+@register_loss("pseudo_huber", knee=1.0)  # sqrt(r + c^2) - c: ~r/(2c) below r = c^2, ~sqrt(r) above
 def pseudo_huber(residual, c, reduce):
     # eq. 7, sqrt(r + c^2) - c, written as r / (sqrt(r + c^2) + c) to avoid cancellation at r << c^2
     r = reduce(residual.square())
     return r / (torch.sqrt(r + c**2) + c)
 
 
-@register_loss("cauchy")
+@register_loss("cauchy", knee=2.0)  # log(1 + r/(2c^2)): ~r/(2c^2) below r = 2c^2, ~log r above
 def cauchy(residual, c, reduce):
     # eq. 6
     return torch.log1p(reduce(residual.square()) / (2 * c**2))
 
 
-@register_loss("geman_mcclure")
+@register_loss("geman_mcclure", knee=4.0)  # 2r/(r + 4c^2): ~r/(2c^2) below r = 4c^2, ~2 above
 def geman_mcclure(residual, c, reduce):
     # eq. 8
     r = reduce(residual.square())

@@ -242,6 +242,12 @@ class Objective:
         """Per-sample times for a batch, as ``_terms`` would draw them (None: the objective draws its own)."""
         return None
 
+    @property
+    def target_weights(self) -> str | None:
+        """Which weights make the targets when not the online model's: "ema" (the run's default EMA, in eval mode;
+        the training loop then passes ``target_model``), or None."""
+        return None
+
     @classmethod
     def report_nfe(cls, sampling_cfg) -> list[int]:
         """The step counts its samples are shown and evaluated at unless told (grids, `slct sample`, `slct eval`):
@@ -264,17 +270,20 @@ class Objective:
         indices: torch.Tensor | None = None,
         dropout_seed: int | None = None,
         c: float | None = None,
+        target_model: Callable[..., torch.Tensor] | None = None,
     ) -> LossTerms:
         """One loss evaluation; ``indices`` (int, ``(B,)``) and ``dropout_seed`` are optional
         pre-drawn randomness (see the class docstring); ``c`` overrides the c schedule (the
-        training loop passes the measured c of ``c_schedule="calibrated"``)."""
+        training loop passes the measured c of ``c_schedule="calibrated"``); ``target_model``: the model
+        that makes the targets when ``target_weights`` names one (the training loop passes its EMA copy)."""
         _check_inputs(x0, labels, noise)
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         if noise is None:
             noise = COUPLINGS[self.cfg.coupling](x0, randn(x0.shape, generator, x0.device))
-        return self._terms(model, x0, noise.to(x0.dtype), step, labels, generator, indices, dropout_seed, c)
+        return self._terms(model, x0, noise.to(x0.dtype), step, labels, generator, indices, dropout_seed, c,
+                           target_model)
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         raise NotImplementedError
 
 

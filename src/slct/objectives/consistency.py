@@ -3,8 +3,9 @@ paper section 4)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +40,7 @@ class ConsistencyFields:
     c_schedule: str = "adaptive"  # "adaptive" (eq. 11) | "adaptive-code" | "fixed" (iCT) | "calibrated" [3]
     c_calibration_quantile: float = 0.5  # "calibrated": this quantile of r sits at the knee r/(2c^2) = 1
     c_calibration_batches: int = 4  # "calibrated": batches measured (no gradients) at each stage start
+    c_calibration_bounds: list = field(default_factory=lambda: [1e-5, 1.0])  # "calibrated": c is clamped to these
     c0: float | None = None  # iCT's fixed c; None -> 0.00054 sqrt(elements per sample) [3]
     diffusion_r: float = 0.25  # diffusion loss on the smallest-sigma fraction r of the grid; 0 = off [4]
     diffusion_weight: float = 5.0  # its weight w (authors' code: 5; paper form: 1) [4]
@@ -51,6 +53,14 @@ def validate_consistency(cfg) -> None:
     check_choice("c_schedule", cfg.c_schedule, {*C_SCHEDULES, CALIBRATED})
     if not 0 < cfg.c_calibration_quantile < 1 or cfg.c_calibration_batches < 1:
         raise ValueError("c_calibration_quantile must be in (0, 1) and c_calibration_batches >= 1")
+    bounds = cfg.c_calibration_bounds
+    if len(bounds) != 2 or not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds) \
+            or not 0 < bounds[0] < bounds[1]:
+        raise ValueError(f"c_calibration_bounds must be [low, high] with 0 < low < high, got {bounds}")
+    if cfg.c_schedule == CALIBRATED and LOSSES[cfg.loss].knee is None:
+        knees = sorted(name for name, fn in LOSSES.items() if fn.knee is not None)
+        raise ValueError(f"c_schedule 'calibrated' puts r at a robust loss's knee; the {cfg.loss!r} loss has no c: "
+                         f"use one of {knees} or another c_schedule")
     check_choice("diffusion_weighting", cfg.diffusion_weighting, DIFFUSION_WEIGHTINGS)
     check_choice("diffusion_sigma", cfg.diffusion_sigma, DIFFUSION_SIGMAS)
     for name in ("p_std", "diffusion_weight"):
@@ -109,7 +119,7 @@ class ConsistencyObjective(Objective):
         return sample_timestep_indices(n, batch, cfg.p_mean, cfg.p_std, generator=generator,
                                        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         """``indices``: lower indices in ``[0, N - 2]``."""
         cfg = self.cfg
         device, batch = x0.device, x0.shape[0]

@@ -39,7 +39,7 @@ class EDMObjective(Objective):
 
     precond_kind = "edm"
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         cfg = self.cfg
         if indices is not None:
             raise ValueError("indices must be None for the EDM objective (it draws continuous sigmas)")

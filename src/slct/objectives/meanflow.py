@@ -79,7 +79,7 @@ class MeanFlowObjective(Objective):
     def draw_times(cfg, step: int, total_steps: int, batch: int, generator) -> torch.Tensor:
         return meanflow_draws(batch, cfg, generator)
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         cfg = self.cfg
         device, batch = x0.device, x0.shape[0]
         draws = meanflow_draws(batch, cfg, generator) if indices is None else check_draws(indices, batch, 2)

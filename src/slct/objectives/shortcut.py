@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from slct.losses import robust_loss
-from slct.objectives.base import (LossTerms, Objective, check_draws, check_finite, check_seed, draw_seed,
+from slct.objectives.base import (LossTerms, Objective, check_choice, check_draws, check_finite, check_seed, draw_seed,
                                   flow_equivalent_sigma, per_sample, rand, register_objective, seeded_rng)
 
 
@@ -17,12 +17,16 @@ from slct.objectives.base import (LossTerms, Objective, check_draws, check_finit
 class ShortcutFields:
     shortcut_max_steps: int = 128  # shortcut: M, the finest step 1/M (a power of 2); d in {1/M, ..., 1}
     shortcut_bootstrap: float = 0.25  # shortcut: share of the batch given self-consistency targets (the paper: 1/4)
+    # who makes the self-consistency targets: "online" (the model being trained, in train mode: eq. 5 as written)
+    # or "ema" (the run's default EMA in eval mode, no dropout: the authors' code)
+    shortcut_targets: str = "online"
 
 
 def validate_shortcut(cfg) -> None:
     check_finite("shortcut_bootstrap", cfg.shortcut_bootstrap)
     if not 0 <= cfg.shortcut_bootstrap <= 1:
         raise ValueError(f"shortcut_bootstrap must be in [0, 1], got {cfg.shortcut_bootstrap}")
+    check_choice("shortcut_targets", cfg.shortcut_targets, ("online", "ema"))
     m = cfg.shortcut_max_steps
     if isinstance(m, bool) or not isinstance(m, int) or m < 2 or m & (m - 1):
         raise ValueError(f"shortcut_max_steps must be a power of 2 >= 2, got {m!r}")
@@ -65,6 +69,10 @@ class ShortcutObjective(Objective):
 
     precond_kind = "flow"
 
+    @property
+    def target_weights(self) -> str | None:
+        return "ema" if self.cfg.shortcut_targets == "ema" else None
+
     @staticmethod
     def draw_times(cfg, step: int, total_steps: int, batch: int, generator) -> torch.Tensor:
         return shortcut_draws(batch, cfg, generator)
@@ -73,8 +81,9 @@ class ShortcutObjective(Objective):
     def report_nfe(cls, sampling_cfg) -> list[int]:
         return [1, 2, 4]
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c) -> LossTerms:
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         cfg = self.cfg
+        teacher = model if target is None else target  # the EMA in eval mode when shortcut_targets is "ema"
         device, batch = x0.device, x0.shape[0]
         draws = shortcut_draws(batch, cfg, generator) if indices is None else check_draws(indices, batch, 2)
         t_cpu, d_cpu = draws[:, 0], draws[:, 1]
@@ -88,9 +97,9 @@ class ShortcutObjective(Objective):
             lab = labels[rows.to(labels.device)] if labels is not None else None
             half = d[rows] / 2
             with torch.no_grad(), seeded_rng(seed + 1, device):
-                u1 = model(xt[rows], t[rows], lab, half).to(x0.dtype)
+                u1 = teacher(xt[rows], t[rows], lab, half).to(x0.dtype)
                 x_mid = xt[rows] - per_sample(half, u1) * u1
-                u2 = model(x_mid, t[rows] - half, lab, half).to(x0.dtype)
+                u2 = teacher(x_mid, t[rows] - half, lab, half).to(x0.dtype)
             target = target.index_put((rows,), ((u1 + u2) / 2).detach())  # Shortcut eq. 5, no gradient
         with seeded_rng(seed, device):
             pred = model(xt, t, labels, d).to(x0.dtype)

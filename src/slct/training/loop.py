@@ -8,6 +8,7 @@ Since every step's randomness is a pure function of (seed, step) (see ``slct.pip
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from slct import distributed
 from slct.calibration import stage_c
 from slct.config import Config
-from slct.ema import EMA, profiles_from_config
+from slct.ema import EMA, default_ema, profiles_from_config
 from slct.model import build_model, count_parameters, network_kwargs
 from slct.objectives import build_objective
 from slct.pipeline import BatchPipeline, step_seed
@@ -107,6 +108,7 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
     stop_step = min(total, until_step) if until_step is not None else total
     prefetch = cfg.train.prefetch_batches
     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
+    target = _target_model(run, objective)
     health = Health()
     slice_start = time.time()
     try:
@@ -117,8 +119,10 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
                 lr = learning_rate(cfg.optim, state.step, state.lr_scale)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
+                if target is not None:  # the EMA as it stands after the last step
+                    target.load_state_dict(run.ema.weights(default_ema(run.ema.names, cfg.train.ema_default)))
                 loss_value, norm = _forward_backward(run, train_model, objective, batch, c_now, manual_sync,
-                                                     logger, loss_hook)
+                                                     logger, loss_hook, target)
                 finite = math.isfinite(loss_value) and math.isfinite(norm)
                 in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
                 # one all-reduce agrees on all three, so every rank takes the same branch below
@@ -216,8 +220,17 @@ def _open_run_dir(run: rundir.Run, resume: str, dataset, device) -> tuple[rundir
     return lock, ckpt_path
 
 
+def _target_model(run: rundir.Run, objective) -> torch.nn.Module | None:
+    """A frozen copy of the network in eval mode for objectives whose targets come from the EMA, else None."""
+    if objective.target_weights is None:
+        return None
+    target = copy.deepcopy(run.model).eval()
+    target.requires_grad_(False)
+    return target
+
+
 def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, manual_sync: bool, logger,
-                      loss_hook) -> tuple[float, float]:
+                      loss_hook, target=None) -> tuple[float, float]:
     """The loss and its gradients over the step's micro-batches; returns (last micro-batch loss, gradient norm)
     with one device sync."""
     cfg, dist, state = run.cfg, run.dist, run.state
@@ -231,7 +244,7 @@ def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, man
         with (contextlib.nullcontext() if sync else train_model.no_sync()):
             with autocast:
                 terms = objective(train_model, mb.x0, state.step, labels=mb.labels, noise=mb.noise,
-                                  indices=mb.indices, dropout_seed=mb.dropout_seed, c=c_now)
+                                  indices=mb.indices, dropout_seed=mb.dropout_seed, c=c_now, target_model=target)
             loss = terms.total.mean()
             if loss_hook is not None:
                 loss = loss_hook(state.step, loss)

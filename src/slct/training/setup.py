@@ -34,13 +34,30 @@ def open_dataset(cfg: Config):
                          scale=cfg.data.scale, hflip=False)  # flips are drawn by the pipeline (deterministic)
 
 
+def norm_and_bias_parameters(model: torch.nn.Module) -> set[int]:
+    """``id``s of every normalisation layer's parameters (whatever their shape: the per-element norms' scales and
+    shifts are (C, H, W)) and of every bias."""
+    from slct.nn.norms import NORMS
+
+    norm_types = (*NORMS.values(), torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.modules.batchnorm._NormBase,
+                  torch.nn.RMSNorm)
+    out = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, norm_types) or name == "bias" or name.endswith("_bias"):
+                out.add(id(p))
+    return out
+
+
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """RAdam (REFERENCE [8]) with the weight-decay options: coupled (authors) or decoupled, on every tensor
-    (authors) or on the matrices and kernels only (``decay_norms_and_biases=False``: no decay on 1-D tensors)."""
+    (authors) or on the weights only (``decay_norms_and_biases=False``: none on normalisation layers' parameters,
+    chosen by module type, and on biases)."""
+    exempt = set() if optim_cfg.decay_norms_and_biases else norm_and_bias_parameters(model)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not optim_cfg.decay_norms_and_biases else decay).append(p)
+            (no_decay if id(p) in exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
