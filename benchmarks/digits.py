@@ -12,6 +12,11 @@ data, beside a Gaussian with the data's per-pixel mean and variance (the noise b
   every tensor (the paper's settings);
 - ``budget``: stages at least 125 steps long, decay decoupled and off for norms and biases;
 - ``budget-n81``: ``budget`` with the doubling stopped at N = 81 (``objective.s1=80``: four stages of K/4 steps).
+- ``boundary-0``, ``boundary-0.1``, ``boundary-0.25``: MeanFlow with that share of rows at (t, r) = (1, 0)
+  (``objective.meanflow_boundary_fraction``; 0 is the paper's sampler):
+
+    python benchmarks/digits.py --methods meanflow --variants boundary-0 boundary-0.1 boundary-0.25 \
+        --baseline boundary-0 --steps 300 --n-eval 500 --report digits-meanflow-boundary
 
 Report: benchmarks/results/digits-presets.{md,json}, mean +- sd over seeds, each variant against ``authors`` (beats
 by more than 2 pooled sd only from 3 seeds a side). One single-threaded process (``OMP_NUM_THREADS=1``).
@@ -33,6 +38,9 @@ sys.path.insert(0, str(HERE))
 from common import SETTINGS, load_sibling, machine, overrides  # noqa: E402
 
 VARIANTS = {name: overrides(name) for name in SETTINGS}  # common.SETTINGS: all four settings spelled out
+# MeanFlow's time sampler for short runs (beyond the paper): the paper's logit-normal times against a share of rows
+# given the whole interval (t, r) = (1, 0) that 1-step sampling takes
+VARIANTS.update({f"boundary-{f:g}": [f"objective.meanflow_boundary_fraction={f:g}"] for f in (0.0, 0.1, 0.25)})
 
 ablation = load_sibling("ablation")  # sh(), slct(), mean_sd() and the seed rule for verdicts
 
@@ -79,17 +87,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def verdicts(summary: list[dict]) -> list[dict]:
-    """Each variant against ``authors`` of the same method at 1 and 2 steps, by ablation.compare's rule."""
+def verdicts(summary: list[dict], baseline: str = "authors") -> list[dict]:
+    """Each variant against ``baseline`` of the same method at 1 and 2 steps, by ablation.compare's rule."""
     # ablation.compare reads rows of (method, weights, nfe, seeds, fd, fd_sd): one method name per variant
     rows = [dict(method=f"{s['method']}@{s['variant']}", weights="demo", nfe=nfe, seeds=s["seeds"],
                  fd=s[f"fd_nfe{nfe}"], fd_sd=s[f"fd_nfe{nfe}_sd"]) for s in summary for nfe in (1, 2)]
     out = []
     for s in summary:
-        if s["variant"] == "authors":
+        if s["variant"] == baseline:
             continue
         for nfe in (1, 2):
-            for c in ablation.compare(rows, f"{s['method']}@{s['variant']}", f"{s['method']}@authors", nfe):
+            for c in ablation.compare(rows, f"{s['method']}@{s['variant']}", f"{s['method']}@{baseline}", nfe):
                 out.append(dict(method=s["method"], variant=s["variant"], nfe=nfe, fd_difference=c["fd_difference"],
                                 pooled_sd=c["pooled_sd"], beats_by_2_pooled_sd=c["beats_by_2_pooled_sd"]))
     return out
@@ -98,12 +106,12 @@ def verdicts(summary: list[dict]) -> list[dict]:
 def stage_report(a) -> Path:
     rows = collect(a)
     summary = summarize(rows)
-    comparisons = verdicts(summary)
+    comparisons = verdicts(summary, a.baseline)
     command = shlex.join(["python", "benchmarks/digits.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = machine()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "digits-presets.json").write_text(json.dumps(dict(
+    (RESULTS / f"{a.report}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, steps=a.steps, n_eval=a.n_eval,
                   variants={v: VARIANTS[v] for v in a.variants}),
         summary=summary, comparisons=comparisons, runs=rows), indent=2) + "\n")
@@ -120,13 +128,13 @@ def stage_report(a) -> Path:
                      f"{e['fd_noise_baseline']:.2f} | {len(e['seeds'])} |")
     for c in comparisons:
         verdict = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds)"}[c["beats_by_2_pooled_sd"]]
-        lines.append(f"\n{c['method']} {c['variant']} vs authors ({c['nfe']} NFE): mean FD difference "
-                     f"{c['fd_difference']:.2f} (authors minus {c['variant']}; positive: {c['variant']} is lower), "
+        lines.append(f"\n{c['method']} {c['variant']} vs {a.baseline} ({c['nfe']} NFE): mean FD difference "
+                     f"{c['fd_difference']:.2f} ({a.baseline} minus {c['variant']}; positive: {c['variant']} is lower), "
                      f"2 pooled sd = {2 * c['pooled_sd']:.2f}: beats by more than 2 pooled sd: **{verdict}**")
     lines += ["", "Per-seed scores are in the JSON beside this file.", ""]
-    (RESULTS / "digits-presets.md").write_text("\n".join(lines))
+    (RESULTS / f"{a.report}.md").write_text("\n".join(lines))
     print("\n".join(lines))
-    return RESULTS / "digits-presets.md"
+    return RESULTS / f"{a.report}.md"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -134,11 +142,13 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work", default="/tmp/slct-digits", help="where the runs go")
     p.add_argument("--methods", nargs="+", default=["slct", "ilct"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(SETTINGS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=700, help="steps per run (the preset's train.total_steps)")
     p.add_argument("--n-eval", type=int, default=1000, help="samples scored per run")
     p.add_argument("--stage", nargs="+", default=["train", "report"], choices=["train", "report"])
+    p.add_argument("--baseline", default="authors", choices=list(VARIANTS), help="the variant the others are judged by")
+    p.add_argument("--report", default="digits-presets", help="results/NAME.{md,json}")
     return p
 
 

@@ -2,7 +2,8 @@
 
 Each run trains the digits preset with ``unet-tiny`` for a few steps through the public API (``slct.train``) and is
 reduced to a SHA-256 of everything a resumed or sampled run depends on: the final checkpoint's weights, optimizer
-moments, EMAs and training state, the final snapshot's weights, and metrics.jsonl without its wall-clock fields (events by their step, not their wording). The
+moments, EMAs and training state, the final snapshot's weights, and the trajectory columns of metrics.jsonl (loss terms, N, c, lr, gradient norm; events by their step, not their
+wording). The
 runs cover every objective, the measured c, a run trained in two slices (resume) and a run that rolls back after
 injected non-finite losses.
 
@@ -45,7 +46,9 @@ RUNS = {
     "slct-sliced": ("slct", [], "sliced"),
     "slct-rollback": ("slct", ["train.max_bad_steps=2"], "rollback"),
 }
-VOLATILE = {"time", "images_per_s", "sec_per_step", "ot_share"}  # wall-clock fields of metrics.jsonl
+# what a run's metrics say about its trajectory (new diagnostics may join metrics.jsonl without changing a run)
+TRAJECTORY = ("step", "nimg", "loss", "consistency", "diffusion", "n_scales", "c", "lr", "bad_steps", "grad_norm")
+STATE = ("step", "nimg", "lr_scale", "bad_steps", "rollbacks", "c_table")  # what the training state held at 0c3a78f
 
 
 def _environment() -> dict:
@@ -73,7 +76,7 @@ def fingerprint(run_dir: Path) -> dict:
     ckpt = checkpoint.load(checkpoint.latest_checkpoint(run_dir))
     snaps = sorted(run_dir.glob("snapshot-*.pt"))
     snap = checkpoint.load(snaps[-1], expect=checkpoint.SNAPSHOT_FORMAT)
-    state = {k: v for k, v in ckpt["state"].items() if k != "wall_seconds"}
+    state = {k: ckpt["state"][k] for k in STATE}
     h = hashlib.sha256()
     _hash_tensors(h, {"model": ckpt["model"], "optimizer": ckpt["optimizer"], "ema": ckpt["ema"], "state": state,
                       "snapshot": snap["ema"]})
@@ -81,7 +84,11 @@ def fingerprint(run_dir: Path) -> dict:
         row = json.loads(line)
         if "event" in row:  # when something happened (a rollback, a calibration), not how the line words it
             row = {"event_step": row.get("event_step")}
-        h.update(json.dumps({k: v for k, v in row.items() if k not in VOLATILE}, sort_keys=True).encode())
+        elif "step" in row:
+            row = {k: row[k] for k in TRAJECTORY if k in row}
+        else:
+            continue  # diagnostics of other kinds
+        h.update(json.dumps(row, sort_keys=True).encode())
     weight_sum = float(sum(t.double().sum() for t in ckpt["model"].values() if t.is_floating_point()))
     return {"sha256": h.hexdigest(), "weight_sum": weight_sum, "step": int(ckpt["state"]["step"])}
 

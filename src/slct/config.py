@@ -77,7 +77,12 @@ class OptimConfig:
     # so its pull is rescaled by the adaptive step and competes with the loss gradient (strongly for small losses);
     # decoupled decay shrinks w by lr x weight_decay per step whatever the loss (AdamW-style).
     decoupled_weight_decay: bool = False
-    decay_norms_and_biases: bool = True  # False: no decay on 1-D tensors (norm scales/shifts, biases)
+    decay_norms_and_biases: bool = True  # False: no decay on normalisation layers' parameters and biases
+    # Beyond the paper, for the consistency curriculum's jumps (docs/training.md "Stage jumps"): each jump of N makes
+    # the Cauchy loss's gradient several times larger, while RAdam's second moment (beta2 = 0.999) remembers ~1,000
+    # steps, so the first updates of a stage are larger than the learning rate says. Two remedies, off by default:
+    stage_warmup_steps: int = 0  # the LR ramps up linearly again over this many steps after each curriculum stage start
+    grad_scale_beta: float = 0.0  # > 0: the loss is divided by a running mean (this beta) of its gradient norm
 
 
 @dataclass
@@ -213,8 +218,11 @@ class Config:
             raise ValueError(f"optim.eps must be a finite number > 0, got {o.eps}")
         if len(o.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in o.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
-        if o.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+        if o.warmup_steps < 0 or o.stage_warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps and optim.stage_warmup_steps must be >= 0, got {o.warmup_steps} "
+                             f"and {o.stage_warmup_steps}")
+        if not (finite(o.grad_scale_beta) and 0 <= o.grad_scale_beta < 1):
+            raise ValueError(f"optim.grad_scale_beta must be in [0, 1) (0: off), got {o.grad_scale_beta}")
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "stage_length_steps",
     "curriculum_stages",
     "num_scales",
+    "stage_start_step",
     "timestep_probabilities",
     "sample_timestep_indices",
     "C_SCHEDULES",
@@ -92,6 +93,17 @@ def num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 640, min_sta
     # s0 * 2^e > s1 once e reaches bit_length(s1 // s0): cap e so huge steps never build huge ints
     doublings = min(step // stage_steps, (s1 // s0).bit_length())
     return min(s0 * 2**doublings, s1) + 1
+
+
+def stage_start_step(step: int, total_steps: int, s0: int = 10, s1: int = 640, min_stage_steps: int = 0) -> int:
+    """The first step of the curriculum stage ``step`` is in (eq. 10): where N last changed (0 in the first stage;
+    the stage at N = s1 + 1 lasts to the end)."""
+    _check_int("step", step, 0)
+    stage_steps = stage_length_steps(total_steps, s0, s1, min_stage_steps)
+    doublings = min(step // stage_steps, (s1 // s0).bit_length())
+    while doublings and s0 * 2 ** (doublings - 1) >= s1:  # past the cap N no longer changes: one long last stage
+        doublings -= 1
+    return doublings * stage_steps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ class MeanFlowFields:
     meanflow_c: float = 1e-3  # ... and its c
     meanflow_derivative: str = "jvp"  # "jvp": forward-mode torch.func.jvp | "finite-difference" (central, 2 passes)
     meanflow_fd_eps: float = 1e-3  # step of the finite difference along (dz, dt) = (v, 1)
+    # beyond the paper, for short runs: this share of the rows gets the whole interval (t, r) = (1, 0), the one step
+    # that 1-step sampling takes (the logit-normal times almost never reach t = 1); 0 = the paper's sampler
+    meanflow_boundary_fraction: float = 0.0
 
 
 def validate_meanflow(cfg) -> None:
@@ -32,6 +35,7 @@ def validate_meanflow(cfg) -> None:
         check_positive(name, getattr(cfg, name))
     check_positive("meanflow_p", cfg.meanflow_p, allow_zero=True)
     check_fraction("meanflow_r_fraction", cfg.meanflow_r_fraction)
+    check_fraction("meanflow_boundary_fraction", cfg.meanflow_boundary_fraction)
     check_choice("meanflow_derivative", cfg.meanflow_derivative, MEANFLOW_DERIVATIVES)
 
 
@@ -41,12 +45,18 @@ def logit_normal(shape, mean: float, std: float, generator: torch.Generator | No
 
 
 def meanflow_times(batch: int, cfg, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, r), t >= r: two logit-normal draws sorted; a fraction 1 - meanflow_r_fraction gets r = t (MeanFlow 4.3)."""
+    """(t, r), t >= r: two logit-normal draws sorted; a fraction 1 - meanflow_r_fraction gets r = t (MeanFlow 4.3);
+    then, with ``meanflow_boundary_fraction`` > 0, that share of rows gets (t, r) = (1, 0) (drawn last, and only
+    then, so the paper's sampler draws exactly what it always did)."""
     a = logit_normal((batch,), cfg.flow_t_mean, cfg.flow_t_std, generator)
     b = logit_normal((batch,), cfg.flow_t_mean, cfg.flow_t_std, generator)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
     keep = rand((batch,), generator) < cfg.meanflow_r_fraction
-    return t, torch.where(keep, r, t)
+    r = torch.where(keep, r, t)
+    if cfg.meanflow_boundary_fraction > 0:
+        whole = rand((batch,), generator) < cfg.meanflow_boundary_fraction
+        t, r = torch.where(whole, 1.0, t), torch.where(whole, 0.0, r)
+    return t, r
 
 
 def meanflow_draws(batch: int, cfg, generator) -> torch.Tensor:

@@ -26,7 +26,8 @@ from slct.pipeline import BatchPipeline, step_seed
 from slct.training import rundir
 from slct.training.health import Health, StopSignals, TrainingDiverged, divergence_message, grad_norm
 from slct.training.monitor import Monitor
-from slct.training.setup import build_optimizer, learning_rate, open_dataset, resolve_device
+from slct.training.setup import (adam_step_rms, build_optimizer, learning_rate, open_dataset, resolve_device,
+                                 stage_start)
 from slct.training.state import TrainState
 
 
@@ -116,7 +117,7 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
             while state.step < stop_step:
                 batch = next(pipeline)
                 c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger)
-                lr = learning_rate(cfg.optim, state.step, state.lr_scale)
+                lr = learning_rate(cfg.optim, state.step, state.lr_scale, stage_start(cfg, state.step))
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 if target is not None:  # the EMA as it stands after the last step
@@ -127,10 +128,10 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
                 in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
                 # one all-reduce agrees on all three, so every rank takes the same branch below
                 ok, go_on, in_time = distributed.all_true([finite, signals.received is None, in_time], device)
-                _apply_or_skip(run, ok, loss_value, health)
+                _apply_or_skip(run, ok, loss_value, norm, health)
                 state.step += 1
                 state.nimg += cfg.train.batch_size
-                logger.step(state, lr, ok, norm)
+                logger.step(state, lr, ok, norm, adam_step_rms(run.optimizer) if logger.due(state.step) else None)
                 if not ok and health.consecutive_bad >= cfg.train.max_bad_steps:
                     if state.rollbacks >= cfg.train.max_rollbacks:
                         message = divergence_message(run.dir, cfg, state, health, lr)
@@ -231,9 +232,11 @@ def _target_model(run: rundir.Run, objective) -> torch.nn.Module | None:
 
 def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, manual_sync: bool, logger,
                       loss_hook, target=None) -> tuple[float, float]:
-    """The loss and its gradients over the step's micro-batches; returns (last micro-batch loss, gradient norm)
-    with one device sync."""
+    """The loss and its gradients over the step's micro-batches; returns (last micro-batch loss, gradient norm of
+    the loss as the objective gives it) with one device sync. With ``optim.grad_scale_beta`` the loss is divided by
+    the running mean of its gradient norm before the backward pass, so Adam sees gradients of a steady scale."""
     cfg, dist, state = run.cfg, run.dist, run.state
+    scale = state.grad_scale if cfg.optim.grad_scale_beta > 0 and state.grad_scale > 0 else None
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
     params = [p for p in run.model.parameters() if p.requires_grad]
@@ -248,18 +251,21 @@ def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, man
             loss = terms.total.mean()
             if loss_hook is not None:
                 loss = loss_hook(state.step, loss)
-            (loss / len(micro)).backward()
+            ((loss if scale is None else loss / scale) / len(micro)).backward()
         logger.accumulate(terms, loss, batch.ot_seconds / len(micro))
     if manual_sync:
         distributed.average_gradients(params)
     loss_value, norm = torch.stack([loss.detach().double().cpu(), grad_norm(params).cpu()]).tolist()  # one sync
-    return loss_value, norm
+    return loss_value, norm if scale is None else norm * scale
 
 
-def _apply_or_skip(run: rundir.Run, ok: bool, loss_value: float, health: Health) -> None:
+def _apply_or_skip(run: rundir.Run, ok: bool, loss_value: float, norm: float, health: Health) -> None:
     """An optimiser and EMA step when the step was finite on every rank; else the gradients are dropped."""
     cfg, state = run.cfg, run.state
     if ok:
+        beta = cfg.optim.grad_scale_beta
+        if beta > 0:  # the running gradient scale the next steps' losses are divided by
+            state.grad_scale = norm if state.grad_scale <= 0 else beta * state.grad_scale + (1 - beta) * norm
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.optim.grad_clip)
         run.optimizer.step()

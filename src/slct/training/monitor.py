@@ -38,6 +38,7 @@ class Monitor:
         self.run_dir, self.cfg, self.active, self.progress, self.total = run_dir, cfg, active, progress, total
         self._reset_window(time.time())  # sums, counts and band statistics of the logging window
         self.stats: dict = {}
+        self._stage: dict | None = None  # the curriculum stage being tracked (see _track_stage)
         self.bar = None
         self.tb = None
         self._eval_pair = None
@@ -75,14 +76,19 @@ class Monitor:
             self.band_counts += torch.bincount(band, minlength=len(NOISE_BANDS))
             self.last_r = (terms.r, band, terms.stats.get("c"))
 
-    def step(self, state: TrainState, lr: float, ok: bool, grad_norm: float = float("nan")) -> None:
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (the step count after the step) writes a metrics row."""
+        return step % self.cfg.logging.log_every_steps == 0 or step == self.cfg.train.total_steps
+
+    def step(self, state: TrainState, lr: float, ok: bool, grad_norm: float = float("nan"),
+             adam_step: float | None = None) -> None:
         self.steps += 1
         if ok and math.isfinite(grad_norm):
             self.grad_norms.append(grad_norm)
+        self._track_stage(state.step, grad_norm if ok else float("nan"), adam_step)
         if self.bar is not None:
             self.bar.update(1)
-        every = self.cfg.logging.log_every_steps
-        if state.step % every and state.step != self.cfg.train.total_steps:
+        if not self.due(state.step):
             return
         means = distributed.all_mean(torch.stack([torch.as_tensor(self.sums.get(k, 0.0), dtype=torch.float32)
                                                   for k in self.KEYS]).cpu() / max(self.count, 1))
@@ -93,7 +99,8 @@ class Monitor:
                   **{k: float(v) for k, v in self.stats.items()}, "lr": lr,
                   "images_per_s": steps * self.cfg.train.batch_size / seconds, "sec_per_step": seconds / steps,
                   "ot_share": self.ot_seconds / seconds, "bad_steps": state.bad_steps, "time": now,
-                  **self._band_record()}
+                  **self._band_record(), **({"adam_step_rms": adam_step} if adam_step is not None else {}),
+                  **({"grad_scale": state.grad_scale} if self.cfg.optim.grad_scale_beta > 0 else {})}
         state.wall_seconds += seconds
         self._reset_window(now)
         if not self.active:
@@ -113,6 +120,37 @@ class Monitor:
             for k, v in record.items():
                 if k not in ("step", "time"):
                     self.tb.add_scalar(k, v, state.step)
+
+    def _track_stage(self, step: int, grad_norm: float, adam_step: float | None) -> None:
+        """Per curriculum stage (N from the objective's stats): the gradient norms and Adam step sizes seen, written
+        as one ``stage`` row of metrics.jsonl when N changes and at the end: how the update size behaves across the
+        jumps (docs/training.md)."""
+        n = self.stats.get("n_scales")
+        if n is None:
+            return
+        if self._stage is not None and self._stage["n_scales"] != n:
+            self._write_stage(step - 1)
+        if self._stage is None:
+            self._stage = {"n_scales": n, "start": step - 1, "norms": [], "adam": []}
+        if math.isfinite(grad_norm):
+            self._stage["norms"].append(grad_norm)
+        if adam_step is not None and math.isfinite(adam_step):
+            self._stage["adam"].append(adam_step)
+        if step == self.cfg.train.total_steps:
+            self._write_stage(step)
+
+    def _write_stage(self, end: int) -> None:
+        s, self._stage = self._stage, None
+        if not self.active or not s["norms"]:
+            return
+        norms = torch.tensor(s["norms"], dtype=torch.float64)
+        row = {"stage_n_scales": s["n_scales"], "stage_start": s["start"], "stage_end": end,
+               "grad_norm_median": float(norms.median()), "grad_norm_max": float(norms.max()),
+               "grad_norm_first": float(norms[: max(1, len(norms) // 10)].mean())}
+        if s["adam"]:
+            row["adam_step_rms_max"] = max(s["adam"])
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
 
     def _reset_window(self, now: float) -> None:
         self.sums, self.count, self.steps, self.ot_seconds, self.t_last = {}, 0, 0, 0.0, now
@@ -249,7 +287,7 @@ class Monitor:
 
 
 def _row_step(row: dict) -> int | None:
-    for key in ("step", "eval_step", "event_step"):
+    for key in ("step", "eval_step", "event_step", "stage_end"):
         if row.get(key) is not None:
             return row[key]
     return None

@@ -28,7 +28,9 @@ def plot_metrics(metrics_path: Path, out: Path, stage_starts: list[int] | None =
               ("loss per noise band (sigma)", tuple(f"loss_sigma_{b}" for b in bands), True),
               ("r / (2c^2), median per band (>> 1: Cauchy's log regime)", tuple(f"r2c2_p50_sigma_{b}" for b in bands),
                True),
-              ("gradient norm", ("grad_norm",), True), ("c", ("c",), True), ("N", ("n_scales",), False)]
+              ("gradient norm", ("grad_norm",), True),
+              ("Adam step size, RMS of m/sqrt(v) (1: steady; > 1 after a jump)", ("adam_step_rms",), True),
+              ("c", ("c",), True), ("N", ("n_scales",), False)]
     panels = [p for p in panels if any(k in r for r in rows for k in p[1])]
     evals = [json.loads(line) for line in open(metrics_path) if '"eval_step"' in line]
     count = len(panels) + bool(evals)

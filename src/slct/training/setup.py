@@ -65,6 +65,42 @@ def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
                              decoupled_weight_decay=optim_cfg.decoupled_weight_decay)
 
 
-def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0) -> float:
-    """The learning rate of ``step``: ``optim.lr`` x the rollback factor x the linear warm-up (a pure function)."""
-    return optim_cfg.lr * lr_scale * min(1.0, (step + 1) / max(optim_cfg.warmup_steps, 1))
+def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0, stage_start: int = 0) -> float:
+    """The learning rate of ``step``: ``optim.lr`` x the rollback factor x the linear warm-up, and with
+    ``optim.stage_warmup_steps`` a linear warm-up again from each curriculum stage start (``stage_start``: the first
+    step of the stage ``step`` is in; a stage start at 0 is the run's own warm-up). A pure function."""
+    lr = optim_cfg.lr * lr_scale * min(1.0, (step + 1) / max(optim_cfg.warmup_steps, 1))
+    if optim_cfg.stage_warmup_steps and stage_start > 0:
+        lr *= min(1.0, (step - stage_start + 1) / optim_cfg.stage_warmup_steps)
+    return lr
+
+
+def stage_start(cfg, step: int) -> int:
+    """The first step of the consistency curriculum stage ``step`` is in; 0 for objectives without stages."""
+    from slct.curriculum import stage_start_step
+
+    obj = cfg.objective
+    if obj.kind != "consistency":
+        return 0
+    return stage_start_step(step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
+
+
+def adam_step_rms(optimizer: torch.optim.Optimizer) -> float:
+    """The RMS over all parameters of Adam's bias-corrected step direction m_hat / (sqrt(v_hat) + eps): 1 when the
+    gradients are steady, larger right after they grow (the second moment lags), the update's size relative to the
+    learning rate (RAdam's rectification aside). NaN before the first step."""
+    directions, count = [], 0
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st or "exp_avg" not in st:
+                continue
+            t = float(st["step"])
+            m_hat = st["exp_avg"] / (1 - beta1 ** t)
+            v_hat = st["exp_avg_sq"] / (1 - beta2 ** t)
+            directions.append((m_hat / (v_hat.sqrt() + group["eps"])).square().sum())
+            count += p.numel()
+    if not directions:
+        return float("nan")
+    return float((torch.stack(directions).sum() / count).sqrt())

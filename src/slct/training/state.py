@@ -18,6 +18,7 @@ class TrainState:
     rollbacks: int = 0
     wall_seconds: float = 0.0
     c_table: dict = field(default_factory=dict)  # c_schedule "calibrated": str(N) -> c measured at the stage start
+    grad_scale: float = 0.0  # optim.grad_scale_beta > 0: running mean of the loss's gradient norm (0: none yet)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
