@@ -111,6 +111,9 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     rollback_lr_factor: float = 0.5  # the LR is multiplied by this at each rollback
     max_rollbacks: int = 3  # rollbacks before a run whose steps stay non-finite stops (one line: step, last loss, hints)
+    # start from another run's default weights (a run directory, snapshot or checkpoint of the same network on the
+    # same latents), e.g. consistency tuning from an ldm run; "" = a fresh initialisation (slct.training.warmstart)
+    init: str = ""
 
 
 @dataclass

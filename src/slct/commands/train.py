@@ -23,6 +23,9 @@ def add_config_arguments(p: argparse.ArgumentParser, default_preset: str | None 
     p.add_argument("--batch", type=int, default=None, help="global batch size")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--init", default=None, metavar="RUN_OR_SNAPSHOT",
+                   help="start from this run's default weights (same network on the same latents), e.g. consistency "
+                   "tuning from an ldm run (train.init)")
 
 
 def flag_overrides(args) -> dict:
@@ -31,7 +34,8 @@ def flag_overrides(args) -> dict:
         out.setdefault("data", {})["path"] = args.data
     if args.network is not None:
         out.setdefault("network", {})["name"] = args.network
-    for flag, key in (("steps", "total_steps"), ("batch", "batch_size"), ("seed", "seed"), ("device", "device")):
+    for flag, key in (("steps", "total_steps"), ("batch", "batch_size"), ("seed", "seed"), ("device", "device"),
+                      ("init", "init")):
         if getattr(args, flag) is not None:
             out.setdefault("train", {})[key] = getattr(args, flag)
     return out

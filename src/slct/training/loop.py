@@ -188,13 +188,18 @@ def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundi
     model = build_model(cfg, latent_shape, num_classes).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    ema = EMA(model, profiles_from_config(cfg.train))
-    objective = build_objective(cfg.objective, cfg.train.total_steps)
     meta = {"codec": dataset.codec_spec, "normalizer": dataset.normalizer.to_dict(), "latent_shape": list(latent_shape),
             "num_classes": num_classes, "network_kwargs": net_kwargs,
             "data_source": {k: dataset.manifest.get(k) for k in ("source", "selection", "image_resolution",
                                                                    "class_names")}}
+    if cfg.train.init:  # another run's weights instead of the fresh ones (the draw above happens all the same)
+        from slct.training.warmstart import load_init, recorded_init
+
+        # a resumed run restores its checkpoint: the source is not read again (it may be gone by then)
+        meta["init"] = recorded_init(run_dir) or load_init(cfg.train.init, model, meta, cfg.network.name)
+    optimizer = build_optimizer(cfg.optim, model)
+    ema = EMA(model, profiles_from_config(cfg.train))
+    objective = build_objective(cfg.objective, cfg.train.total_steps)
     return rundir.Run(run_dir, cfg, meta, model, optimizer, ema, TrainState(), dist), objective
 
 

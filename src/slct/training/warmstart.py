@@ -1,0 +1,54 @@
+"""Starting a run from another run's weights (``train.init``, ``slct train --init RUN_OR_SNAPSHOT``): consistency
+tuning from a diffusion model (ECT / ECM style: the ``ldm`` baseline's denoiser is a good first consistency
+function), or any run continued under another objective. The source must be the same network on the same latents:
+architecture and options, latent shape, codec and normalisation; any difference is one line naming it, before
+anything is written. The source's training (steps, images) is recorded with the run, so a budget counts it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from slct import checkpoint
+
+
+def recorded_init(run_dir: Path) -> dict | None:
+    """What a run that has checkpoints recorded of its source (run.json), or None for a run not started yet."""
+    import json
+
+    if not checkpoint.list_checkpoints(run_dir) or not (Path(run_dir) / "run.json").is_file():
+        return None
+    return json.loads((Path(run_dir) / "run.json").read_text()).get("init")
+
+
+def load_init(path: str, model: torch.nn.Module, meta: dict, network_name: str) -> dict:
+    """Load the default weights of the snapshot (or run directory, or checkpoint) at ``path`` into ``model``;
+    return what the run records of its source: {"path", "kind", "step", "nimg", "ema"}."""
+    from slct.config import config_from_dict
+    from slct.sampling import check_finite_weights, find_snapshot, resolve_ema_name
+    from slct.training.rundir import describe_difference
+
+    source = find_snapshot(path)
+    payload = checkpoint.load(source, expect=(checkpoint.SNAPSHOT_FORMAT, checkpoint.CHECKPOINT_FORMAT))
+    cfg = config_from_dict(payload["config"])
+    if payload["format"] == checkpoint.CHECKPOINT_FORMAT:
+        state = payload["ema"]
+        weights = {**dict(zip(state["names"], state["shadows"])), "online": payload["model"]}
+        default, step, nimg = payload["config"]["train"].get("ema_default"), payload["state"]["step"], \
+            payload["state"]["nimg"]
+    else:
+        weights, default, step, nimg = payload["ema"], payload.get("ema_default"), payload["step"], payload.get("nimg")
+    mine = {"network": network_name, **{k: meta[k] for k in ("network_kwargs", "latent_shape", "codec",
+                                                            "normalizer", "num_classes")}}
+    theirs = {"network": cfg.network.name, **{k: payload.get(k) for k in mine if k != "network"}}
+    for key in mine:
+        if mine[key] != theirs[key]:
+            raise ValueError(f"--init {path}: not the same network on the same latents ({key}: "
+                             f"{describe_difference(theirs[key], mine[key])}, the source's first); a run starts "
+                             "from weights of its own architecture, latent shape, codec and normalisation only")
+    name = resolve_ema_name(None, [n for n in weights if n != "online"], default)
+    check_finite_weights(weights[name], f"--init {source}'s {name!r} weights")
+    model.load_state_dict(weights[name])
+    return {"path": str(Path(source).resolve()), "kind": cfg.objective.kind, "step": int(step),
+            "nimg": None if nimg is None else int(nimg), "ema": name}
