@@ -69,5 +69,5 @@ def test_another_network_is_refused_in_one_line(ldm_run, tmp_path, capsys, prese
 def test_another_latent_space_is_refused(ldm_run, tmp_path, capsys):
     code, _, err = cli(capsys, "train", "--preset", "ilct", *BASE, "--data", "builtin:digits", "--steps", "2",
                        "--init", ldm_run, "--out", tmp_path / "run")
-    assert code == 2 and "network_kwargs.attn_resolutions" in err  # 16x16 latents: attention one level up
+    assert code == 2 and "network_kwargs: attn_resolutions" in err  # 16x16 latents: attention one level up
     assert not (tmp_path / "run").exists()
