@@ -24,7 +24,7 @@ def test_the_config_is_the_shared_fields_then_each_objectives_own():
     groups = [SharedFields] + [spec.fields for spec in REGISTRY.values() if spec.fields]
     assert names == [f.name for g in groups for f in dataclasses.fields(g)]
     assert len(names) == len(set(names))
-    assert set(OBJECTIVES) == {"consistency", "edm", "meanflow", "shortcut"}
+    assert set(OBJECTIVES) == {"consistency", "distillation", "edm", "meanflow", "shortcut"}
     # the old flat spellings still resolve (presets, saved configs, --set objective.meanflow_p=...)
     assert ObjectiveConfig(meanflow_p=0.5, s1=80).validate().meanflow_p == 0.5
 
@@ -45,7 +45,8 @@ def test_every_method_preset_names_a_registered_objective():
     for name in list_presets("method"):
         kind = load_preset("method", name).get("objective", {}).get("kind", "consistency")
         assert kind in OBJECTIVES, name
-        assert build_objective(ObjectiveConfig(kind=kind), 10).kind == kind
+        teacher = "runs/ldm" if kind == "distillation" else ""
+        assert build_objective(ObjectiveConfig(kind=kind, teacher=teacher), 10).kind == kind
 
 
 def test_the_public_api_keeps_its_names():

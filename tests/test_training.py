@@ -152,10 +152,24 @@ def test_two_processes_match_one_process(tmp_path):
     assert any(not torch.equal(initial[k], a[k]) for k in a)  # the runs trained: equality is not vacuous
 
 
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A 2-step ldm run: the teacher of the distillation presets."""
+    run = tmp_path_factory.mktemp("teacher") / "ldm"
+    train(load_config("ldm", "digits", sets=[*TINY, "train.total_steps=2", "train.batch_size=8",
+                                             "train.device=cpu"]), run, progress=False)
+    return run
+
+
 @pytest.mark.parametrize("method", list_presets("method"))
-def test_every_method_preset_trains_two_steps(method, tmp_path):
+def test_every_method_preset_trains_two_steps(method, tmp_path, request):
+    from slct.config import load_preset
+
+    extra = []
+    if load_preset("method", method).get("objective", {}).get("kind") == "distillation":
+        extra = [f"objective.teacher={request.getfixturevalue('teacher_run')}"]
     cfg = load_config(method, "digits", sets=[*TINY, "train.total_steps=2", "train.batch_size=8",
-                                              "train.device=cpu"])
+                                              "train.device=cpu", *extra])
     result = train(cfg, tmp_path, progress=False)
     assert result.finished
     assert (tmp_path / "config.yaml").is_file() and list(tmp_path.glob("snapshot-*.pt"))

@@ -9,7 +9,7 @@ import torch
 
 from slct import distributed
 from slct.coupling import ot_coupling
-from slct.curriculum import CALIBRATED, calibrated_c, num_scales, sample_timestep_indices
+from slct.curriculum import CALIBRATED, calibrated_c, num_scales, sample_timestep_indices, uses_curriculum
 from slct.losses import LOSSES
 from slct.pipeline import step_seed
 
@@ -18,7 +18,7 @@ def stage_c(model, objective, dataset, cfg, state, device, dist, logger) -> floa
     """The measured c of this step's curriculum stage, measured at the stage's first step and kept in
     ``state.c_table``; None unless ``c_schedule`` is "calibrated"."""
     obj = cfg.objective
-    if obj.kind != "consistency" or obj.c_schedule != CALIBRATED:
+    if not uses_curriculum(obj) or obj.c_schedule != CALIBRATED:
         return None
     n = num_scales(state.step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
     if str(n) not in state.c_table:

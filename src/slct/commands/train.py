@@ -23,6 +23,9 @@ def add_config_arguments(p: argparse.ArgumentParser, default_preset: str | None 
     p.add_argument("--batch", type=int, default=None, help="global batch size")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--teacher", default=None, metavar="RUN_OR_SNAPSHOT",
+                   help="the diffusion teacher of consistency distillation (--preset ilcd / slcd): an ldm run on the "
+                   "same latents (objective.teacher)")
     p.add_argument("--init", default=None, metavar="RUN_OR_SNAPSHOT",
                    help="start from this run's default weights (same network on the same latents), e.g. consistency "
                    "tuning from an ldm run (train.init)")
@@ -34,6 +37,8 @@ def flag_overrides(args) -> dict:
         out.setdefault("data", {})["path"] = args.data
     if args.network is not None:
         out.setdefault("network", {})["name"] = args.network
+    if getattr(args, "teacher", None) is not None:
+        out.setdefault("objective", {})["teacher"] = args.teacher
     for flag, key in (("steps", "total_steps"), ("batch", "batch_size"), ("seed", "seed"), ("device", "device"),
                       ("init", "init")):
         if getattr(args, flag) is not None:
@@ -102,7 +107,9 @@ def dry_run_report(cfg) -> str:
     dim = 1
     for s in shape:
         dim *= s
-    if obj.kind == "consistency":
+    from slct.curriculum import uses_curriculum
+
+    if uses_curriculum(obj):
         k_prime = stage_length_steps(tr.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
         floor = f", at least {obj.min_stage_steps:,} (objective.min_stage_steps)" if obj.min_stage_steps else ""
         lines.append(f"stage length K': {k_prime:,} steps (paper eq. 10, s0={obj.s0}, s1={obj.s1}{floor})")

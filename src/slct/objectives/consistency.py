@@ -120,8 +120,8 @@ class ConsistencyObjective(Objective):
                                        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
 
     def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
-        """``indices``: lower indices in ``[0, N - 2]``."""
-        cfg = self.cfg
+        """``indices``: lower indices in ``[0, N - 2]``; ``target``: the teacher of distillation (see there)."""
+        cfg, teacher = self.cfg, target
         device, batch = x0.device, x0.shape[0]
         n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
         if c is None:
@@ -153,10 +153,10 @@ class ConsistencyObjective(Objective):
         with seeded_rng(seed, device):
             online = model(x0 + per_sample(sigma_hi, x0) * z, sigma_hi, labels)
         with torch.no_grad(), seeded_rng(seed, device):
-            target = model(x0 + per_sample(sigma_lo, x0) * z, sigma_lo, labels)
+            target = model(self._target_input(x0, z, sigma_lo, sigma_hi, labels, teacher), sigma_lo, labels)
         online = online.to(x0.dtype)
         target = target.detach().to(x0.dtype)
-        consistency = weight * robust_loss(cfg.loss, online, target, c, cfg.loss_reduction)
+        consistency = weight * robust_loss(cfg.loss, online, target, c, cfg.loss_reduction)  # eq. 4
         r = robust_loss("l2", online.detach(), target, reduction=cfg.loss_reduction)  # the r of eqs. 6-8
 
         diffusion = torch.zeros_like(consistency)
@@ -165,6 +165,10 @@ class ConsistencyObjective(Objective):
             term = self._diffusion_term(model, x0, z, labels, rows, online, sigma_lo, sigma_hi, seed)
             diffusion = diffusion.index_put((rows,), cfg.diffusion_weight * term * (batch / n_selected))
         return LossTerms(consistency, diffusion, consistency + diffusion, stats, sigmas[index + 1], r)
+
+    def _target_input(self, x0, z, sigma_lo, sigma_hi, labels, teacher) -> torch.Tensor:
+        """x_{t_i} of the target pass: the same noise at t_i (consistency training, iCT)."""
+        return x0 + per_sample(sigma_lo, x0) * z
 
     def _diffusion_term(self, model, x0, z, labels, rows, online, sigma_lo, sigma_hi, seed) -> torch.Tensor:
         """``weighting * mse`` of the selected ``rows``, shape ``(len(rows),)`` (eq. 9, [4])."""

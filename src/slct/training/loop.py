@@ -120,7 +120,7 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
                 lr = learning_rate(cfg.optim, state.step, state.lr_scale, stage_start(cfg, state.step))
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                if target is not None:  # the EMA as it stands after the last step
+                if objective.target_weights == "ema":  # the EMA as it stands after the last step
                     target.load_state_dict(run.ema.weights(default_ema(run.ema.names, cfg.train.ema_default)))
                 loss_value, norm = _forward_backward(run, train_model, objective, batch, c_now, manual_sync,
                                                      logger, loss_hook, target)
@@ -200,7 +200,13 @@ def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundi
     optimizer = build_optimizer(cfg.optim, model)
     ema = EMA(model, profiles_from_config(cfg.train))
     objective = build_objective(cfg.objective, cfg.train.total_steps)
-    return rundir.Run(run_dir, cfg, meta, model, optimizer, ema, TrainState(), dist), objective
+    teacher = None
+    if objective.target_weights == "teacher":
+        from slct.training.warmstart import load_teacher
+
+        teacher, meta["teacher"] = load_teacher(cfg.objective.teacher, meta)
+        teacher = teacher.to(device)
+    return rundir.Run(run_dir, cfg, meta, model, optimizer, ema, TrainState(), dist, teacher), objective
 
 
 def _open_run_dir(run: rundir.Run, resume: str, dataset, device) -> tuple[rundir.RunLock | None, Path | None]:
@@ -227,7 +233,10 @@ def _open_run_dir(run: rundir.Run, resume: str, dataset, device) -> tuple[rundir
 
 
 def _target_model(run: rundir.Run, objective) -> torch.nn.Module | None:
-    """A frozen copy of the network in eval mode for objectives whose targets come from the EMA, else None."""
+    """The model that makes an objective's targets when it is not the online one: a frozen copy of the network in
+    eval mode that follows the EMA ("ema"), the distillation teacher ("teacher", loaded in _build_run), or None."""
+    if objective.target_weights == "teacher":
+        return run.teacher
     if objective.target_weights is None:
         return None
     target = copy.deepcopy(run.model).eval()

@@ -273,7 +273,9 @@ class Monitor:
         self.metrics.close()
         files = {"metrics": self.run_dir / "metrics.jsonl"}
         obj, stages = self.cfg.objective, None
-        if obj.kind == "consistency":
+        from slct.curriculum import uses_curriculum
+
+        if uses_curriculum(obj):
             from slct.curriculum import curriculum_stages
 
             stages = [st["start"] for st in curriculum_stages(self.cfg.train.total_steps, obj.s0, obj.s1,

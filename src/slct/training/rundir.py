@@ -46,6 +46,7 @@ class Run:
     ema: EMA
     state: TrainState
     dist: distributed.DistInfo
+    teacher: torch.nn.Module | None = None  # consistency distillation's frozen diffusion teacher (not saved)
 
     @property
     def device(self) -> torch.device:

@@ -77,10 +77,10 @@ def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0, stage_start: int 
 
 def stage_start(cfg, step: int) -> int:
     """The first step of the consistency curriculum stage ``step`` is in; 0 for objectives without stages."""
-    from slct.curriculum import stage_start_step
+    from slct.curriculum import stage_start_step, uses_curriculum
 
     obj = cfg.objective
-    if obj.kind != "consistency":
+    if not uses_curriculum(obj):
         return 0
     return stage_start_step(step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
 

@@ -52,3 +52,29 @@ def load_init(path: str, model: torch.nn.Module, meta: dict, network_name: str) 
     model.load_state_dict(weights[name])
     return {"path": str(Path(source).resolve()), "kind": cfg.objective.kind, "step": int(step),
             "nimg": None if nimg is None else int(nimg), "ema": name}
+
+
+def load_teacher(path: str, meta: dict) -> tuple[torch.nn.Module, dict]:
+    """The diffusion teacher of consistency distillation: the default weights of an ``ldm`` run (directory, snapshot
+    or checkpoint) as a frozen denoiser in eval mode, and what the run records of it. The teacher may be another
+    network than the student's, but it must be a diffusion model (EDM parameterisation) on the same latents."""
+    from slct.precond import parameterisation
+    from slct.sampling import load_snapshot
+    from slct.training.rundir import describe_difference
+
+    snap = load_snapshot(path)
+    kind = snap.config.objective.kind
+    if parameterisation(kind) != "edm":
+        raise ValueError(f"--teacher {path} is a {kind} model, not a diffusion model: distillation needs an ldm run "
+                         "(a denoiser whose Heun steps follow the probability-flow ODE)")
+    mine = {k: meta[k] for k in ("latent_shape", "codec", "normalizer")}
+    theirs = {"latent_shape": list(snap.latent_shape), "codec": snap.codec_spec, "normalizer": snap.normalizer.to_dict()}
+    for key in mine:
+        if mine[key] != theirs[key]:
+            raise ValueError(f"--teacher {path} works on other latents ({key}: "
+                             f"{describe_difference(theirs[key], mine[key])}, the teacher's first): distil from a "
+                             "diffusion model trained on the same latent dataset")
+    teacher = snap.model.eval()
+    teacher.requires_grad_(False)
+    record = {"path": str(Path(snap.path).resolve()), "kind": kind, "step": int(snap.step), "ema": snap.ema}
+    return teacher, record
