@@ -41,6 +41,7 @@ VARIANTS = {name: overrides(name) for name in SETTINGS}  # common.SETTINGS: all 
 # MeanFlow's time sampler for short runs (beyond the paper): the paper's logit-normal times against a share of rows
 # given the whole interval (t, r) = (1, 0) that 1-step sampling takes
 VARIANTS.update({f"boundary-{f:g}": [f"objective.meanflow_boundary_fraction={f:g}"] for f in (0.0, 0.1, 0.25)})
+VARIANTS["preset"] = []  # the method preset as it is
 
 ablation = load_sibling("ablation")  # sh(), slct(), mean_sd() and the seed rule for verdicts
 

@@ -72,12 +72,14 @@ def test_config_defaults_are_the_released_recipe():
         teacher="", edm_p_mean=-1.2, edm_p_std=1.2, flow_t_mean=-0.4, flow_t_std=1.0, meanflow_r_fraction=0.25,
         meanflow_p=1.0, meanflow_c=1e-3, meanflow_derivative="jvp", meanflow_fd_eps=1e-3,
         meanflow_boundary_fraction=0.0, shortcut_max_steps=128,
-        shortcut_bootstrap=0.25, shortcut_targets="online")
+        shortcut_bootstrap=0.25, shortcut_targets="online", soflow_fm_fraction=0.75, soflow_t_mean=0.2,
+        soflow_t_std=0.8, soflow_s_mean=-1.0, soflow_s_std=0.8, soflow_fm_t_mean=-0.2, soflow_fm_t_std=1.0,
+        soflow_r_init=0.1, soflow_r_end=0.002, soflow_p=1.0, soflow_eps=0.01)
     assert ObjectiveConfig().validate() == ObjectiveConfig()
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("kind", "vp", r"kind must be one of \['consistency', 'distillation', 'edm', 'meanflow', 'shortcut'\]"),
+    ("kind", "vp", r"kind must be one of \['consistency', 'distillation', 'edm', 'meanflow', 'shortcut', 'soflow'\]"),
     ("meanflow_derivative", "reverse", "meanflow_derivative must be one of"), ("shortcut_max_steps", 96,
                                                                               "power of 2"),
     ("meanflow_r_fraction", 1.5, "meanflow_r_fraction"), ("flow_t_std", 0.0, "flow_t_std"),
