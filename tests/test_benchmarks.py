@@ -313,3 +313,40 @@ def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3
     assert "slct budget-n81 vs authors (1 NFE)" in text and "not decided (fewer than 3 seeds)" in text
     saved = json.loads((tmp_path / "results" / "digits-presets.json").read_text())
     assert len(saved["runs"]) == 8 and "optim.decoupled_weight_decay=false" in saved["meta"]["variants"]["authors"]
+
+
+def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path, monkeypatch, capsys):
+    """benchmarks/leaderboard.py: every command is one the CLI takes with a strict config; the teacher trains first
+    and its steps count in the budget of the entries that use it; the report judges against ldm from 3 seeds."""
+    from slct.cli import build_parser
+    from slct.config import load_config
+
+    board = _module("leaderboard")
+    a = board.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--teacher-steps", "60"])
+    a.steps, a.minutes = a.budget, None
+    plan = board.Plan(tmp_path, 100, 60, a.seeds)
+    todo = board.commands(plan, a, tmp_path / "data", tmp_path / "ref.npz")
+    assert todo[0][0] == "teacher seed 0" and "--steps" in todo[0][2] and "60" in todo[0][2]
+    for what, done, args in todo:
+        ns = build_parser().parse_args(args)
+        if args[0] == "train":
+            from slct.commands.train import resolve
+
+            cfg = resolve(ns)  # strict: a mistyped key would raise here
+            steps = 40 if ("--init" in args or "--teacher" in args) else 60 if what.startswith("teacher") else 100
+            assert cfg.train.total_steps == steps, what
+    tuned = next(args for what, _, args in todo if what == "ilct-tuned seed 0")
+    assert tuned[tuned.index("--init") + 1] == str(plan.teacher(0))
+    # a report from fake evaluations: ldm at 35 NFE, ilct-tuned at 1 and 2 NFE, 3 seeds each
+    for seed, (fd_ldm, fd_tuned) in enumerate([(100.0, 80.0), (101.0, 81.0), (99.0, 79.0)]):
+        for name, results in (("ldm", [dict(nfe=35, fd=fd_ldm)]),
+                              ("ilct-tuned", [dict(nfe=1, fd=fd_tuned), dict(nfe=2, fd=fd_tuned + 50)])):
+            run = plan.run(name, seed)
+            run.mkdir(parents=True)
+            (run / f"eval-final-n{a.n_eval}.json").write_text(json.dumps({"results": results}))
+    a.entries = ["ldm", "ilct-tuned"]
+    md = board.report(plan, a, tmp_path / "results").read_text()
+    assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
+    assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
+           "sd: **yes**" in md
+    assert "ilct-tuned at 2 NFE vs ldm at 35: FD lower by -30.0" in md and "**no**" in md
