@@ -122,7 +122,7 @@ def stage_report(a) -> Path:
              f"- Command: `{command}` ({date})",
              f"- {a.steps} steps at batch 64 per run; FD in pixel space of {a.n_eval} samples to the 1,797 digits "
              f"(lower is better; the noise baseline is a Gaussian with the data's per-pixel mean and variance)",
-             "- Variants: " + "; ".join(f"`{v}`: {', '.join(VARIANTS[v])}" for v in a.variants), "",
+             "- Variants: " + "; ".join(f"`{v}`: {', '.join(VARIANTS[v]) or 'the preset as it is'}" for v in a.variants), "",
              "| method | variant | FD, 1 step | FD, 2 steps | noise baseline | seeds |", "|---|---|---:|---:|---:|---:|"]
     for e in summary:
         lines.append(f"| {e['method']} | {e['variant']} | {pm(e, 'fd_nfe1')} | {pm(e, 'fd_nfe2')} | "
