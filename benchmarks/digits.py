@@ -42,6 +42,9 @@ VARIANTS = {name: overrides(name) for name in SETTINGS}  # common.SETTINGS: all 
 # given the whole interval (t, r) = (1, 0) that 1-step sampling takes
 VARIANTS.update({f"boundary-{f:g}": [f"objective.meanflow_boundary_fraction={f:g}"] for f in (0.0, 0.1, 0.25)})
 VARIANTS["preset"] = []  # the method preset as it is
+# the stage-jump remedies (docs/training.md "Stage jumps"), on top of the preset
+VARIANTS["stage-warmup"] = ["optim.stage_warmup_steps=50"]
+VARIANTS["grad-scale"] = ["optim.grad_scale_beta=0.9"]
 
 ablation = load_sibling("ablation")  # sh(), slct(), mean_sd() and the seed rule for verdicts
 
