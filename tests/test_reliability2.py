@@ -17,34 +17,14 @@ import pytest
 import torch
 
 from slct import checkpoint
-from slct.cli import main
 from slct.config import load_config
 from slct.training import train
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=1", "train.device=cpu"]
+from test_reliability import TINY, cli, error_line, tiny_cfg  # noqa: E402  the shared helpers of the first round
+
 TRAIN = ["train", "--preset", "slct", "--data-preset", "digits", "--batch", "8", "--device", "cpu",
          "--set", "network.name=unet-tiny", "--set", "logging.sample_every_steps=0",
          "--set", "logging.log_every_steps=1", "--set", "checkpoint.every_steps=4"]
-
-
-def tiny_cfg(steps=8, *extra):
-    return load_config("slct", "digits", sets=[*TINY, f"train.total_steps={steps}", "train.batch_size=8",
-                                               "checkpoint.every_steps=4", *extra])
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if "error" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def state_of(run_dir):
