@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 LONGEST_TESTS_S = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 210,
                  "test_demo_short_mode_beats_the_noise_baseline": 180,
                  "test_shortcut_demo_beats_the_noise_baseline": 95,
-                 "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 75}
+                 "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 75,
+                 "test_training_runs_match_the_recorded_fingerprints": 30}
 
 
 def _expected_s(item) -> float:
