@@ -303,6 +303,8 @@ class Snapshot:
     device: torch.device
     _codec: object = None
     data_source: dict | None = None  # the training images (dataset manifest's source and selection), if recorded
+    network_kwargs: dict | None = None  # build_network's overrides of the stored network
+    nimg: int | None = None  # images seen at the stored step, where recorded
 
     @property
     def codec(self):
@@ -392,7 +394,8 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
     return Snapshot(path, model, cfg, payload["codec"], Normalizer.from_dict(payload["normalizer"]).to(device),
                     tuple(payload["latent_shape"]), int(payload["num_classes"]), int(payload["state"]["step"]
                     if "state" in payload else payload["step"]), name, device,
-                    data_source=payload.get("data_source"))
+                    data_source=payload.get("data_source"), network_kwargs=payload["network_kwargs"],
+                    nimg=payload["state"]["nimg"] if "state" in payload else payload.get("nimg"))
 
 
 def _note_newer_checkpoint(run_dir: Path, snapshot_step: int) -> None:

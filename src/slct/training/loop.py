@@ -253,7 +253,7 @@ def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, man
     scale = state.grad_scale if cfg.optim.grad_scale_beta > 0 and state.grad_scale > 0 else None
     autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.train.precision == "bf16"
                 else contextlib.nullcontext())
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    params = run.params
     run.optimizer.zero_grad(set_to_none=True)
     micro = batch.split(cfg.optim.accumulate)
     for j, mb in enumerate(micro):
@@ -281,7 +281,7 @@ def _apply_or_skip(run: rundir.Run, ok: bool, loss_value: float, norm: float, he
         if beta > 0:  # the running gradient scale the next steps' losses are divided by
             state.grad_scale = norm if state.grad_scale <= 0 else beta * state.grad_scale + (1 - beta) * norm
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
         run.optimizer.step()
         run.ema.update(run.model, state.step + 1, state.nimg + cfg.train.batch_size, cfg.train.batch_size)
         health.consecutive_bad = 0

@@ -48,6 +48,9 @@ class Run:
     dist: distributed.DistInfo
     teacher: torch.nn.Module | None = None  # consistency distillation's frozen diffusion teacher (not saved)
 
+    def __post_init__(self):
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # listed once, used every step
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -25,33 +25,23 @@ def recorded_init(run_dir: Path) -> dict | None:
 def load_init(path: str, model: torch.nn.Module, meta: dict, network_name: str) -> dict:
     """Load the default weights of the snapshot (or run directory, or checkpoint) at ``path`` into ``model``;
     return what the run records of its source: {"path", "kind", "step", "nimg", "ema"}."""
-    from slct.config import config_from_dict
-    from slct.sampling import check_finite_weights, find_snapshot, resolve_ema_name
+    from slct.sampling import load_snapshot
     from slct.training.rundir import describe_difference
 
-    source = find_snapshot(path)
-    payload = checkpoint.load(source, expect=(checkpoint.SNAPSHOT_FORMAT, checkpoint.CHECKPOINT_FORMAT))
-    cfg = config_from_dict(payload["config"])
-    if payload["format"] == checkpoint.CHECKPOINT_FORMAT:
-        state = payload["ema"]
-        weights = {**dict(zip(state["names"], state["shadows"])), "online": payload["model"]}
-        default, step, nimg = payload["config"]["train"].get("ema_default"), payload["state"]["step"], \
-            payload["state"]["nimg"]
-    else:
-        weights, default, step, nimg = payload["ema"], payload.get("ema_default"), payload["step"], payload.get("nimg")
+    snap = load_snapshot(path)  # never unpickles; refuses non-finite weights
     mine = {"network": network_name, **{k: meta[k] for k in ("network_kwargs", "latent_shape", "codec",
                                                             "normalizer", "num_classes")}}
-    theirs = {"network": cfg.network.name, **{k: payload.get(k) for k in mine if k != "network"}}
+    theirs = {"network": snap.config.network.name, "network_kwargs": snap.network_kwargs,
+              "latent_shape": list(snap.latent_shape), "codec": snap.codec_spec,
+              "normalizer": snap.normalizer.to_dict(), "num_classes": snap.num_classes}
     for key in mine:
         if mine[key] != theirs[key]:
             raise ValueError(f"--init {path}: not the same network on the same latents ({key}: "
                              f"{describe_difference(theirs[key], mine[key])}, the source's first); a run starts "
                              "from weights of its own architecture, latent shape, codec and normalisation only")
-    name = resolve_ema_name(None, [n for n in weights if n != "online"], default)
-    check_finite_weights(weights[name], f"--init {source}'s {name!r} weights")
-    model.load_state_dict(weights[name])
-    return {"path": str(Path(source).resolve()), "kind": cfg.objective.kind, "step": int(step),
-            "nimg": None if nimg is None else int(nimg), "ema": name}
+    model.load_state_dict(snap.model.state_dict())
+    return {"path": str(Path(snap.path).resolve()), "kind": snap.config.objective.kind, "step": int(snap.step),
+            "nimg": None if snap.nimg is None else int(snap.nimg), "ema": snap.ema}
 
 
 def load_teacher(path: str, meta: dict) -> tuple[torch.nn.Module, dict]:
