@@ -10,16 +10,24 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
 - ``ldm``: the EDM diffusion baseline, K steps, scored at its Heun sampler's 35 NFE: the bar to clear;
 - ``ilct``, ``slct``, ``meanflow``, ``shortcut``, ``soflow``: K steps from scratch;
 - ``slct-stage-robust``: sLCT with the stage-jump remedies (docs/training.md "Stage jumps");
-- ``ilct-tuned``: an ``ldm`` teacher trained T steps, then iLCT (the same GroupNorm network) for K - T steps from
+- ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
   its weights (``slct train --init``, consistency tuning);
 - ``ilcd``: iLCT's consistency distillation from the same teacher for K - T steps (``--teacher``).
 
-The teacher of a seed is one ``ldm`` run of T steps shared by the two entries that use it; its steps count in both
-budgets. Each entry's final snapshot is scored with ``slct eval`` (MobileNetV2 features, --n-eval samples against
-the held-out faces, the ramp-up EMA) at 1 and 2 NFE (ldm: 35); the report gives FD, precision and recall, mean +- sd
-over seeds, seconds per training step, images seen (teacher included), and for every few-step row whether its FD
-beats ``ldm``'s 35-NFE FD by more than 2 pooled sd (a verdict only from 3 seeds a side). Data, reference and
-evaluation are benchmarks/ablation.py's stages; results go to results/leaderboard-utkface64-KSTEPS.{md,json}.
+The teacher of a seed is the ``ldm`` entry's own snapshot at step T (that run writes one every gcd(T, K/2) steps):
+an ``ldm`` run's first T steps do not depend on its length (no curriculum, a step-only learning rate, the ramp-up
+EMA counts images), so a separate T-step run would be the same weights, bitwise (tests/test_benchmarks.py checks it on
+the digits), and its steps count in the budget of the entries that use it. Each entry's final snapshot is scored
+with ``slct eval`` (MobileNetV2 features, --n-eval samples against the held-out faces, the ramp-up EMA) at 1 and 2
+NFE (ldm: 35), and every entry trained from scratch also at step K/2, for the curve target (no rise between K/2 and
+K beyond the seeds' sd). The report gives FD, precision and recall, mean +- sd over seeds, seconds per training
+step, images seen (teacher included), and for every few-step row whether its FD beats ``ldm``'s 35-NFE FD by more
+than 2 pooled sd (a verdict only from 3 seeds a side).
+
+Commands run --jobs at a time (default 2: one per core of a 2-core CPU, each with OMP_NUM_THREADS = cores / jobs),
+in the order of --entries (the default: the bar and the likeliest winners first), each as soon as what it needs
+exists; a stopped leaderboard (Ctrl-C, SIGTERM, a session's end) continues where its runs' checkpoints are. Data,
+reference and evaluation are benchmarks/ablation.py's stages; results go to results/leaderboard-utkface64-KSTEPS.*.
 """
 
 from __future__ import annotations
@@ -27,8 +35,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import load_sibling, machine  # noqa: E402
 
-ablation = load_sibling("ablation")  # sh(), slct(), the data and reference stages, mean_sd(), the seed rule
+ablation = load_sibling("ablation")  # slct(), the data and reference stages, mean_sd(), the seed rule, figures
 GROUP_NORMS = ["network.block_norm=group", "network.out_norm=group"]  # the ldm preset's: a tuned run must match
 
 
@@ -50,16 +63,17 @@ class Entry:
         return budget - teacher_steps if self.source else budget
 
 
+# in the order they run: the bar, the likeliest winners (from the bar's own weights), the paper's pair, the rest
 ENTRIES: dict[str, Entry] = {
     "ldm": Entry("ldm"),
-    "ilct": Entry("ilct"),
-    "slct": Entry("slct"),
-    "slct-stage-robust": Entry("slct", ("optim.stage_warmup_steps=50", "optim.grad_scale_beta=0.9")),
     "ilct-tuned": Entry("ilct", tuple(GROUP_NORMS), source="init"),
     "ilcd": Entry("ilcd", source="teacher"),
+    "slct": Entry("slct"),
+    "slct-stage-robust": Entry("slct", ("optim.stage_warmup_steps=50", "optim.grad_scale_beta=0.9")),
+    "ilct": Entry("ilct"),
+    "soflow": Entry("soflow"),
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),
-    "soflow": Entry("soflow"),
 }
 
 
@@ -76,19 +90,41 @@ class Plan:
     def root(self) -> Path:
         return self.work / f"leaderboard-{self.budget}steps"
 
-    def teacher(self, seed: int) -> Path:
-        return self.root / f"teacher-ldm-{self.teacher_steps}steps-seed{seed}"
+    @property
+    def mid(self) -> int:
+        """The curve's middle point (the target: no rise from here to the budget beyond the seeds' sd)."""
+        return self.budget // 2
 
     def run(self, name: str, seed: int) -> Path:
         return self.root / f"{name}-seed{seed}"
 
+    def teacher(self, seed: int) -> Path:
+        """The ldm entry's snapshot at the teacher's step (its first T steps are a T-step ldm run's)."""
+        return self.run("ldm", seed) / f"snapshot-{self.teacher_steps:08d}.pt"
 
-def train_command(plan: Plan, a, name: str, seed: int, data: Path) -> list[str]:
+
+@dataclass
+class Task:
+    """One slct command: done when ``done`` exists, ready when every path in ``needs`` does."""
+
+    what: str
+    done: Path
+    args: list
+    needs: tuple = ()
+
+    @property
+    def log(self) -> Path:
+        return self.done.parent / "leaderboard.log"
+
+
+def train_command(plan: Plan, name: str, seed: int, data: Path) -> list[str]:
     entry = ENTRIES[name]
     steps = entry.own_steps(plan.budget, plan.teacher_steps)
     cmd = ["train", "--preset", entry.preset, "--data-preset", "utkface64", "--data", str(data),
            "--out", str(plan.run(name, seed)), "--steps", str(steps), "--seed", str(seed), "--no-progress",
            "--set", "train.ema_power_every_steps=0"]
+    if name == "ldm":  # the teacher's snapshot and the curve's middle point
+        cmd += ["--set", f"checkpoint.snapshot_every_steps={math.gcd(plan.teacher_steps, plan.mid)}"]
     for extra in entry.sets:
         cmd += ["--set", extra]
     if entry.source == "init":
@@ -98,34 +134,81 @@ def train_command(plan: Plan, a, name: str, seed: int, data: Path) -> list[str]:
     return cmd
 
 
-def teacher_command(plan: Plan, seed: int, data: Path) -> list[str]:
-    return ["train", "--preset", "ldm", "--data-preset", "utkface64", "--data", str(data), "--out",
-            str(plan.teacher(seed)), "--steps", str(plan.teacher_steps), "--seed", str(seed), "--no-progress",
-            "--set", "train.ema_power_every_steps=0"]
+def eval_file(run: Path, step: int, n: int, final: bool) -> Path:
+    return run / (f"eval-final-n{n}.json" if final else f"eval-step{step:08d}-n{n}.json")
 
 
-def eval_command(run: Path, step: int, ref: Path, n: int) -> list[str]:
+def eval_command(run: Path, step: int, ref: Path, n: int, final: bool = True) -> list[str]:
     return ["eval", "--snapshot", str(run / f"snapshot-{step:08d}.pt"), "--ref", str(ref), "--n", str(n),
-            "--out", str(run / f"eval-final-n{n}.json"), "--no-progress", "--ema", "rampup"]
+            "--out", str(eval_file(run, step, n, final)), "--no-progress", "--ema", "rampup"]
 
 
-def commands(plan: Plan, a, data: Path, ref: Path) -> list[tuple[str, Path, list[str]]]:
-    """(what, its output, slct arguments) in the order they run: per seed, the teacher, then every entry and its
-    evaluation. A step whose output exists is done."""
+def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
+    """Every command, in the order they start: entry by entry (--entries' order), seed by seed, a run then its
+    evaluations. The teacher is the ldm run: listed first whenever an entry needs it."""
+    names = list(a.entries)
+    if any(ENTRIES[n].source for n in names) and "ldm" not in names:
+        names.insert(0, "ldm")
     out = []
-    for seed in plan.seeds:
-        uses_teacher = any(ENTRIES[name].source for name in a.entries)
-        if uses_teacher:
-            done = plan.teacher(seed) / f"snapshot-{plan.teacher_steps:08d}.pt"
-            out.append((f"teacher seed {seed}", done, teacher_command(plan, seed, data)))
-        for name in a.entries:
-            steps = ENTRIES[name].own_steps(plan.budget, plan.teacher_steps)
+    for name in names:
+        steps = ENTRIES[name].own_steps(plan.budget, plan.teacher_steps)
+        for seed in plan.seeds:
             run = plan.run(name, seed)
-            out.append((f"{name} seed {seed}", run / f"snapshot-{steps:08d}.pt",
-                        train_command(plan, a, name, seed, data)))
-            out.append((f"{name} seed {seed}: eval", run / f"eval-final-n{a.n_eval}.json",
-                        eval_command(run, steps, ref, a.n_eval)))
+            final = run / f"snapshot-{steps:08d}.pt"
+            needs = (plan.teacher(seed),) if ENTRIES[name].source else ()
+            out.append(Task(f"{name} seed {seed}", final, train_command(plan, name, seed, data), needs))
+            if name not in a.entries:  # only the teacher's run
+                continue
+            out.append(Task(f"{name} seed {seed}: eval", eval_file(run, steps, a.n_eval, True),
+                            eval_command(run, steps, ref, a.n_eval), (final,)))
+            if steps == plan.budget:  # after the run: its middle snapshot is there by then
+                out.append(Task(f"{name} seed {seed}: eval at step {plan.mid}",
+                                eval_file(run, plan.mid, a.n_eval, False),
+                                eval_command(run, plan.mid, ref, a.n_eval, final=False), (final,)))
     return out
+
+
+def run_tasks(todo: list[Task], jobs: int, threads: int) -> int:
+    """Run the tasks not done yet, ``jobs`` at a time, each as soon as its needs exist; a failed run's dependents
+    never start. Ctrl-C or SIGTERM stops the running commands the way they stop alone (a training run writes its
+    checkpoint first), so re-running continues. Returns the number of tasks that failed or could not start."""
+    pending = [t for t in todo if not t.done.exists()]
+    running: dict[subprocess.Popen, Task] = {}
+    failed: list[Task] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    try:
+        while pending or running:
+            for task in [t for t in pending if all(n.exists() for n in t.needs)]:
+                if len(running) >= jobs:
+                    break
+                pending.remove(task)
+                task.log.parent.mkdir(parents=True, exist_ok=True)
+                print(f"== {task.what}: $ slct {shlex.join(task.args)}", flush=True)
+                with open(task.log, "a") as log:
+                    running[subprocess.Popen(ablation.slct(*task.args), stdout=log, stderr=subprocess.STDOUT,
+                                             env=env)] = task
+            if not running:  # nothing runs and nothing can start: what is left waits on a failed task
+                failed += pending
+                for task in pending:
+                    print(f"!! {task.what}: not started (needs {', '.join(map(str, task.needs))})", flush=True)
+                break
+            time.sleep(2)
+            for proc in [p for p in running if p.poll() is not None]:
+                task = running.pop(proc)
+                if proc.returncode or not task.done.exists():
+                    failed.append(task)
+                    print(f"!! {task.what}: exit {proc.returncode}; see {task.log}", flush=True)
+                else:
+                    print(f"ok {task.what}", flush=True)
+    except KeyboardInterrupt:
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.wait()
+        print("stopped; re-run the same command to continue", flush=True)
+        raise SystemExit(130)
+    return len(failed)
 
 
 def seconds_per_step(run: Path) -> float | None:
@@ -135,28 +218,32 @@ def seconds_per_step(run: Path) -> float | None:
 
 
 def collect(plan: Plan, a) -> list[dict]:
+    """One row per (entry, seed, NFE, step) evaluated: the final step and, for runs from scratch, the middle one."""
     rows = []
     for name in a.entries:
         entry = ENTRIES[name]
         own = entry.own_steps(plan.budget, plan.teacher_steps)
         for seed in plan.seeds:
-            path = plan.run(name, seed) / f"eval-final-n{a.n_eval}.json"
-            if not path.exists():
-                continue
-            record = json.loads(path.read_text())
+            run = plan.run(name, seed)
             teacher = plan.teacher_steps if entry.source else 0
-            for r in record["results"]:
-                rows.append(dict(entry=name, seed=seed, nfe=r["nfe"], fd=r["fd"], precision=r.get("precision"),
-                                 recall=r.get("recall"), own_steps=own, teacher_steps=teacher,
-                                 images=(own + teacher) * a.batch, sec_per_step=seconds_per_step(plan.run(name, seed))))
+            for step, final in ((own, True), (plan.mid, False)):
+                path = eval_file(run, step, a.n_eval, final)
+                if not path.exists():
+                    continue
+                for r in json.loads(path.read_text())["results"]:
+                    rows.append(dict(entry=name, seed=seed, nfe=r["nfe"], step=step, final=final, fd=r["fd"],
+                                     precision=r.get("precision"), recall=r.get("recall"), own_steps=own,
+                                     teacher_steps=teacher, images=(own + teacher) * a.batch,
+                                     sec_per_step=seconds_per_step(run)))
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
-    for key in dict.fromkeys((r["entry"], r["nfe"]) for r in rows):
-        mine = [r for r in rows if (r["entry"], r["nfe"]) == key]
-        entry = dict(entry=key[0], nfe=key[1], seeds=sorted(r["seed"] for r in mine), own_steps=mine[0]["own_steps"],
+    for key in dict.fromkeys((r["entry"], r["nfe"], r["final"]) for r in rows):
+        mine = [r for r in rows if (r["entry"], r["nfe"], r["final"]) == key]
+        entry = dict(entry=key[0], nfe=key[1], final=key[2], step=mine[0]["step"],
+                     seeds=sorted(r["seed"] for r in mine), own_steps=mine[0]["own_steps"],
                      teacher_steps=mine[0]["teacher_steps"], images=mine[0]["images"])
         for k in ("fd", "precision", "recall", "sec_per_step"):
             vals = [r[k] for r in mine if r[k] is not None]
@@ -168,12 +255,13 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def verdicts(summary: list[dict]) -> list[dict]:
     """Each few-step row against ldm's FD at its own sampler: lower by more than 2 pooled sd (3 seeds a side)?"""
-    bars = [s for s in summary if s["entry"] == "ldm"]
+    final = [s for s in summary if s["final"]]
+    bars = [s for s in final if s["entry"] == "ldm"]
     if not bars:
         return []
     bar = bars[0]
     out = []
-    for s in summary:
+    for s in final:
         if s["entry"] == "ldm" or "fd" not in s:
             continue
         pooled = ((s["fd_sd"] ** 2 + bar["fd_sd"] ** 2) / 2) ** 0.5
@@ -184,10 +272,33 @@ def verdicts(summary: list[dict]) -> list[dict]:
     return out
 
 
+def curve_checks(summary: list[dict]) -> list[dict]:
+    """The curve target for every entry evaluated at both points: does the mean FD rise from the middle step to the
+    last by more than the seeds' sd at the last step (3 seeds at both points)?"""
+    out = []
+    for last in [s for s in summary if s["final"] and "fd" in s]:
+        middle = [s for s in summary if not s["final"] and (s["entry"], s["nfe"]) == (last["entry"], last["nfe"])]
+        if not middle or "fd" not in middle[0]:
+            continue
+        mid = middle[0]
+        enough = min(len(mid["seeds"]), len(last["seeds"])) >= ablation.MIN_SEEDS_FOR_VERDICT
+        rise = last["fd"] - mid["fd"]
+        out.append(dict(entry=last["entry"], nfe=last["nfe"], mid_step=mid["step"], step=last["step"],
+                        fd_mid=mid["fd"], fd_last=last["fd"], rise=rise, sd=last["fd_sd"],
+                        rises_beyond_sd=rise > last["fd_sd"] if enough else None))
+    return out
+
+
+def pm(e: dict, k: str, f: str) -> str:
+    if k not in e:
+        return "-"
+    return f"{e[k]:{f}}" + (f" +- {e[k + '_sd']:{f}}" if len(e["seeds"]) > 1 else "")
+
+
 def report(plan: Plan, a, results: Path) -> Path:
     rows = collect(plan, a)
     summary = summarize(rows)
-    judged = verdicts(summary)
+    judged, curves = verdicts(summary), curve_checks(summary)
     stem = f"leaderboard-utkface64-{plan.budget}steps"
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -195,18 +306,17 @@ def report(plan: Plan, a, results: Path) -> Path:
     results.mkdir(exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, budget=plan.budget, teacher_steps=plan.teacher_steps,
-                  n_eval=a.n_eval, entries={k: vars(ENTRIES[k]) for k in a.entries}),
-        summary=summary, verdicts=judged, runs=rows), indent=2, default=list) + "\n")
-    pm = lambda e, k, f: (f"{e[k]:{f}}" + (f" +- {e[k + '_sd']:{f}}" if len(e["seeds"]) > 1 else "")  # noqa: E731
-                          if k in e else "-")
+                  n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries}),
+        summary=summary, verdicts=judged, curves=curves, runs=rows), indent=2, default=list) + "\n")
     lines = [f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all", "",
-             f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}",
+             f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {a.jobs} runs side by "
+             "side, each on its share of the cores (s/step is per run)",
              f"- Command: `{command}` ({date})",
-             f"- FD-MobileNetV2 of {a.n_eval} samples against the held-out faces, ramp-up EMA; teacher: ldm for "
-             f"{plan.teacher_steps} steps, counted in the budget of the entries that use it", "",
+             f"- FD-MobileNetV2 of {a.n_eval} samples against the held-out faces, ramp-up EMA; teacher: the ldm run at "
+             f"step {plan.teacher_steps}, counted in the budget of the entries that use it", "",
              "| entry | NFE | FD | precision | recall | own + teacher steps | images | s/step | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in summary:
+    for e in (s for s in summary if s["final"]):
         lines.append(f"| {e['entry']} | {e['nfe']} | {pm(e, 'fd', '.1f')} | {pm(e, 'precision', '.3f')} | "
                      f"{pm(e, 'recall', '.4f')} | {e['own_steps']} + {e['teacher_steps']} | {e['images']:,} | "
                      f"{pm(e, 'sec_per_step', '.2f')} | {len(e['seeds'])} |")
@@ -216,6 +326,15 @@ def report(plan: Plan, a, results: Path) -> Path:
             v["beats_ldm_by_2_pooled_sd"]]
         lines.append(f"- {v['entry']} at {v['nfe']} NFE vs ldm at {v['ldm_nfe']}: FD lower by {v['fd_difference']:.1f} "
                      f"(2 pooled sd {2 * v['pooled_sd']:.1f}): beats it by more than 2 pooled sd: **{verdict}**")
+    if curves:
+        lines += ["", f"The curve target: FD at step {plan.mid} and at step {plan.budget} (runs from scratch); a rise "
+                  "beyond the seeds' sd at the last step fails it.", "",
+                  "| entry | NFE | FD at the middle | FD at the end | rise | sd at the end | rises beyond sd |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for c in curves:
+            verdict = {True: "**yes**", False: "no", None: "not decided"}[c["rises_beyond_sd"]]
+            lines.append(f"| {c['entry']} | {c['nfe']} | {c['fd_mid']:.1f} | {c['fd_last']:.1f} | {c['rise']:+.1f} | "
+                         f"{c['sd']:.1f} | {verdict} |")
     (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results / f"{stem}.md"
@@ -231,9 +350,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=2000, help="training steps per entry, teacher steps included")
     p.add_argument("--teacher-steps", type=int, default=1500, help="of the budget, the ldm teacher's share")
     p.add_argument("--batch", type=int, default=64, help="the utkface64 preset's batch (for the images column)")
-    p.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES))
+    p.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES), help="in the order they run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--jobs", type=int, default=2, help="commands side by side")
+    p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")
     p.add_argument("--stage", nargs="+", default=["data", "train", "report"], choices=["data", "train", "report"])
     p.add_argument("--print", action="store_true", help="list the commands (done ones marked) and exit")
     return p
@@ -243,26 +364,26 @@ def main(argv=None) -> None:
     a = parser().parse_args(argv)
     if not 0 < a.teacher_steps < a.budget:
         sys.exit("--teacher-steps must lie between 0 and --budget")
+    if a.jobs < 1:
+        sys.exit("--jobs must be at least 1")
     plan = Plan(Path(a.work), a.budget, a.teacher_steps, a.seeds)
     work = Path(a.work)
     a.steps, a.minutes = a.budget, None  # what ablation's data and reference stages read
     data = work / f"utk{a.resolution}-train"
     ref = work / f"ref-utk{a.resolution}-holdout{a.holdout}-mobilenetv2.npz"
-    todo = commands(plan, a, data, ref)
+    todo = tasks(plan, a, data, ref)
     if a.print:
-        for what, done, args in todo:
-            print(f"{'[done] ' if done.exists() else ''}slct {shlex.join(args)}")
+        for task in todo:
+            print(f"{'[done] ' if task.done.exists() else ''}slct {shlex.join(task.args)}")
         return
     if "data" in a.stage:
         work.mkdir(parents=True, exist_ok=True)
         ablation.stage_data(a, work)
         ablation.stage_ref(a, work)
     if "train" in a.stage:
-        for what, done, args in todo:
-            if not done.exists():
-                print(f"== {what}", flush=True)
-                done.parent.mkdir(parents=True, exist_ok=True)
-                ablation.sh(ablation.slct(*args), log=done.parent / "leaderboard.log")
+        threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
+        if run_tasks(todo, a.jobs, threads):
+            print("some commands failed or could not start (above); the report holds what is done", flush=True)
     if "report" in a.stage:
         report(plan, a, ablation.RESULTS)
 

@@ -315,38 +315,70 @@ def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3
     assert len(saved["runs"]) == 8 and "optim.decoupled_weight_decay=false" in saved["meta"]["variants"]["authors"]
 
 
-def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path, monkeypatch, capsys):
-    """benchmarks/leaderboard.py: every command is one the CLI takes with a strict config; the teacher trains first
-    and its steps count in the budget of the entries that use it; the report judges against ldm from 3 seeds."""
+def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path, capsys):
+    """benchmarks/leaderboard.py: every command is one the CLI takes with a strict config; the teacher is the ldm
+    run's snapshot at the teacher's step and its steps count in the budget of the entries that use it; the report
+    judges against ldm from 3 seeds and checks the curve from the middle step to the end."""
     from slct.cli import build_parser
-    from slct.config import load_config
+    from slct.commands.train import resolve
 
     board = _module("leaderboard")
     a = board.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--teacher-steps", "60"])
-    a.steps, a.minutes = a.budget, None
     plan = board.Plan(tmp_path, 100, 60, a.seeds)
-    todo = board.commands(plan, a, tmp_path / "data", tmp_path / "ref.npz")
-    assert todo[0][0] == "teacher seed 0" and "--steps" in todo[0][2] and "60" in todo[0][2]
-    for what, done, args in todo:
-        ns = build_parser().parse_args(args)
-        if args[0] == "train":
-            from slct.commands.train import resolve
-
+    todo = board.tasks(plan, a, tmp_path / "data", tmp_path / "ref.npz")
+    assert todo[0].what == "ldm seed 0" and plan.teacher(0) == plan.run("ldm", 0) / "snapshot-00000060.pt"
+    for task in todo:
+        ns = build_parser().parse_args(task.args)
+        if task.args[0] == "train":
             cfg = resolve(ns)  # strict: a mistyped key would raise here
-            steps = 40 if ("--init" in args or "--teacher" in args) else 60 if what.startswith("teacher") else 100
-            assert cfg.train.total_steps == steps, what
-    tuned = next(args for what, _, args in todo if what == "ilct-tuned seed 0")
-    assert tuned[tuned.index("--init") + 1] == str(plan.teacher(0))
-    # a report from fake evaluations: ldm at 35 NFE, ilct-tuned at 1 and 2 NFE, 3 seeds each
+            tuned = "--init" in task.args or "--teacher" in task.args
+            assert cfg.train.total_steps == (40 if tuned else 100), task.what
+            if task.what.startswith("ldm"):  # writes the teacher's step and the middle one
+                assert 60 % cfg.checkpoint.snapshot_every_steps == 0 and 50 % cfg.checkpoint.snapshot_every_steps == 0
+            assert task.needs == ((plan.teacher(int(task.what[-1])),) if tuned else ())
+    tuned = next(t for t in todo if t.what == "ilct-tuned seed 0")
+    assert tuned.args[tuned.args.index("--init") + 1] == str(plan.teacher(0))
+    whats = [t.what for t in todo]
+    assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
+    # a teacher-only ldm run when ldm itself is not on the board: trained, never scored
+    a2 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilcd", "--seeds", "0"])
+    assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0]), a2, tmp_path, tmp_path)] == [
+        "ldm seed 0", "ilcd seed 0", "ilcd seed 0: eval"]
+    # a report from fake evaluations: ldm at 35 NFE, ilct-tuned at 1 and 2 NFE, slct from scratch; 3 seeds each
     for seed, (fd_ldm, fd_tuned) in enumerate([(100.0, 80.0), (101.0, 81.0), (99.0, 79.0)]):
         for name, results in (("ldm", [dict(nfe=35, fd=fd_ldm)]),
-                              ("ilct-tuned", [dict(nfe=1, fd=fd_tuned), dict(nfe=2, fd=fd_tuned + 50)])):
+                              ("ilct-tuned", [dict(nfe=1, fd=fd_tuned), dict(nfe=2, fd=fd_tuned + 50)]),
+                              ("slct", [dict(nfe=1, fd=150.0 + seed)])):
             run = plan.run(name, seed)
             run.mkdir(parents=True)
             (run / f"eval-final-n{a.n_eval}.json").write_text(json.dumps({"results": results}))
-    a.entries = ["ldm", "ilct-tuned"]
+        (plan.run("slct", seed) / f"eval-step00000050-n{a.n_eval}.json").write_text(
+            json.dumps({"results": [dict(nfe=1, fd=140.0 + seed)]}))
+    a.entries = ["ldm", "ilct-tuned", "slct"]
     md = board.report(plan, a, tmp_path / "results").read_text()
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
     assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
            "sd: **yes**" in md
     assert "ilct-tuned at 2 NFE vs ldm at 35: FD lower by -30.0" in md and "**no**" in md
+    assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
+    assert "| slct | 1 | 151.0 +- 1.0 |" in md
+
+
+def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path, monkeypatch):
+    """run_tasks: a task starts once its needs exist, never more than --jobs at once; a failed task's dependents
+    never start and are counted."""
+    board = _module("leaderboard")
+    log = tmp_path / "order.txt"
+    script = ("import sys, time, pathlib; out = pathlib.Path(sys.argv[1]); time.sleep(float(sys.argv[2])); "
+              "open(sys.argv[3], 'a').write(out.name + '\\n'); out.write_text('x') if sys.argv[4] == 'ok' else "
+              "sys.exit(1)")
+    monkeypatch.setattr(board.ablation, "slct", lambda *args: [sys.executable, "-c", script, *args])
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    todo = [board.Task("a", a, [str(a), "0.5", str(log), "ok"]),
+            board.Task("c", c, [str(c), "0", str(log), "ok"], needs=(a,)),
+            board.Task("b", b, [str(b), "0", str(log), "fail"]),
+            board.Task("d", d, [str(d), "0", str(log), "ok"], needs=(b,))]
+    assert board.run_tasks(todo, jobs=2, threads=1) == 2  # b failed, d could not start
+    assert log.read_text().split() == ["b", "a", "c"] and not d.exists()
+    assert board.run_tasks(todo[:2], jobs=2, threads=1) == 0  # all done: nothing runs again
+    assert log.read_text().split() == ["b", "a", "c"]

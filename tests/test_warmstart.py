@@ -147,3 +147,19 @@ def test_distillation_without_a_diffusion_teacher_is_one_line(ldm_run, tmp_path,
                        "--out", tmp_path / "d")
     assert code == 2 and "objective.teacher is read by consistency distillation only" in err
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_an_ldm_runs_first_steps_do_not_depend_on_its_length(tmp_path):
+    """benchmarks/leaderboard.py takes the teacher (T steps of ldm) from the ldm entry's own step-T snapshot: that is
+    the same weights as a T-step run only while nothing in an ldm run depends on its total length (no curriculum, a
+    step-only learning rate, an EMA that counts images)."""
+    snaps = {}
+    for steps in (3, 5):
+        run = tmp_path / f"ldm{steps}"
+        assert main(["train", "--preset", "ldm", *BASE, "--steps", str(steps), "--out", str(run),
+                     "--set", "checkpoint.snapshot_every_steps=3"]) == 0
+        snaps[steps] = checkpoint.load(run / "snapshot-00000003.pt", expect=checkpoint.SNAPSHOT_FORMAT)
+    short, long = snaps[3], snaps[5]
+    assert short["ema"].keys() == long["ema"].keys()
+    for name in short["ema"]:
+        assert all(torch.equal(short["ema"][name][k], long["ema"][name][k]) for k in short["ema"][name]), name
