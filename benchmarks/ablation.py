@@ -255,6 +255,13 @@ def compare(summary: list[dict], a: str = "slct", b: str = "ilct", nfe: int = 1)
 
 def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
     """The same 32 seeds through every method's last snapshot: 1 step (and ldm with its sampler)."""
+    named = [(method, run_dir(a, work, method, a.seeds[0]) / f"snapshot-{a.steps:08d}.pt") for method in methods]
+    snapshot_grids([(name, path) for name, path in named if path.exists()], a.weights[0], out)
+
+
+def snapshot_grids(named: list[tuple[str, Path]], weights: str, out: Path) -> None:
+    """One row per (label, snapshot): the same 32 seeds at each of its default NFE (a consistency model's 1 and 2
+    steps, ldm's sampler), from its ``weights`` EMA."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,16 +271,13 @@ def figure_grids(a, work: Path, methods: list[str], out: Path) -> None:
     from slct.sampling import default_nfe, load_snapshot
 
     rows = []
-    for method in methods:
-        snap_path = run_dir(a, work, method, a.seeds[0]) / f"snapshot-{a.steps:08d}.pt"
-        if not snap_path.exists():
-            continue
-        snap = load_snapshot(snap_path, ema=a.weights[0])
+    for label, snap_path in named:
+        snap = load_snapshot(snap_path, ema=weights)
         panels = []
         for nfe in default_nfe(snap.config.objective, snap.config.sampling):
             with torch.no_grad():
                 images = snap.generate(list(range(32)), nfe)
-            panels.append((f"{method}, {nfe} NFE", make_grid(images, nrow=8)))
+            panels.append((f"{label}, {nfe} NFE", make_grid(images, nrow=8)))
         rows.append(panels)
     if not rows:
         return

@@ -289,6 +289,15 @@ def curve_checks(summary: list[dict]) -> list[dict]:
     return out
 
 
+def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str) -> None:
+    """The sample grids of every entry's first seed and the FD curves (steps counted with the teacher's)."""
+    named = [(name, plan.run(name, plan.seeds[0]) /
+              f"snapshot-{ENTRIES[name].own_steps(plan.budget, plan.teacher_steps):08d}.pt") for name in a.entries]
+    ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", results / f"{stem}-samples.png")
+    ablation.figure_curves([dict(method=r["entry"], nfe=r["nfe"], n=a.n_eval, step=r["teacher_steps"] + r["step"],
+                                 fd=r["fd"]) for r in rows], results / f"{stem}-curves.png")
+
+
 def pm(e: dict, k: str, f: str) -> str:
     if k not in e:
         return "-"
@@ -335,6 +344,11 @@ def report(plan: Plan, a, results: Path) -> Path:
             verdict = {True: "**yes**", False: "no", None: "not decided"}[c["rises_beyond_sd"]]
             lines.append(f"| {c['entry']} | {c['nfe']} | {c['fd_mid']:.1f} | {c['fd_last']:.1f} | {c['rise']:+.1f} | "
                          f"{c['sd']:.1f} | {verdict} |")
+    figures(plan, a, rows, results, stem)
+    lines += ["", f"![samples]({stem}-samples.png)", "",
+              f"The same 32 seeds through each entry's final snapshot (seed {plan.seeds[0]}, ramp-up EMA).", "",
+              f"![curves]({stem}-curves.png)", "",
+              "FD against the step, teacher steps included (mean +- sd over seeds; 1 NFE, ldm at 35)."]
     (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results / f"{stem}.md"

@@ -362,6 +362,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "ilct-tuned at 2 NFE vs ldm at 35: FD lower by -30.0" in md and "**no**" in md
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
+    assert (tmp_path / "results" / "leaderboard-utkface64-100steps-curves.png").stat().st_size > 0
 
 
 def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path, monkeypatch):
