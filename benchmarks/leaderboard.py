@@ -168,6 +168,10 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
     return out
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_tasks(todo: list[Task], jobs: int, threads: int) -> int:
     """Run the tasks not done yet, ``jobs`` at a time, each as soon as its needs exist; a failed run's dependents
     never start. Ctrl-C or SIGTERM stops the running commands the way they stop alone (a training run writes its
@@ -176,7 +180,7 @@ def run_tasks(todo: list[Task], jobs: int, threads: int) -> int:
     running: dict[subprocess.Popen, Task] = {}
     failed: list[Task] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    signal.signal(signal.SIGTERM, _interrupt)  # a session's end stops the runs as Ctrl-C does
     try:
         while pending or running:
             for task in [t for t in pending if all(n.exists() for n in t.needs)]:
