@@ -11,7 +11,8 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
 - ``ilct``, ``slct``, ``meanflow``, ``shortcut``, ``soflow``: K steps from scratch;
 - ``slct-stage-robust``: sLCT with the stage-jump remedies (docs/training.md "Stage jumps");
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
-  its weights (``slct train --init``, consistency tuning);
+  its weights (``slct train --init``, consistency tuning); ``slct-tuned``: the same with sLCT's objective (Cauchy
+  loss, diffusion loss, OT, adaptive c) on the teacher's GroupNorm network;
 - ``ilcd``: iLCT's consistency distillation from the same teacher for K - T steps (``--teacher``).
 
 The teacher of a seed is the ``ldm`` entry's own snapshot at step T (that run writes one every gcd(T, K/2) steps):
@@ -68,6 +69,7 @@ ENTRIES: dict[str, Entry] = {
     "ldm": Entry("ldm"),
     "ilct-tuned": Entry("ilct", tuple(GROUP_NORMS), source="init"),
     "ilcd": Entry("ilcd", source="teacher"),
+    "slct-tuned": Entry("slct", tuple(GROUP_NORMS), source="init"),  # the paper's technique, tuning from ldm
     "slct": Entry("slct"),
     "slct-stage-robust": Entry("slct", ("optim.stage_warmup_steps=50", "optim.grad_scale_beta=0.9")),
     "ilct": Entry("ilct"),
@@ -161,10 +163,13 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
                 continue
             out.append(Task(f"{name} seed {seed}: eval", eval_file(run, steps, a.n_eval, True),
                             eval_command(run, steps, ref, a.n_eval), (final,)))
-            if steps == plan.budget:  # after the run: its middle snapshot is there by then
-                out.append(Task(f"{name} seed {seed}: eval at step {plan.mid}",
-                                eval_file(run, plan.mid, a.n_eval, False),
-                                eval_command(run, plan.mid, ref, a.n_eval, final=False), (final,)))
+            # after the run: its middle snapshot is there by then; ldm also where it serves as the teacher
+            middles = [plan.mid] if steps == plan.budget else []
+            if name == "ldm" and any(ENTRIES[n].source for n in names):
+                middles.append(plan.teacher_steps)
+            for step in middles:
+                out.append(Task(f"{name} seed {seed}: eval at step {step}", eval_file(run, step, a.n_eval, False),
+                                eval_command(run, step, ref, a.n_eval, final=False), (final,)))
     return out
 
 
@@ -222,7 +227,8 @@ def seconds_per_step(run: Path) -> float | None:
 
 
 def collect(plan: Plan, a) -> list[dict]:
-    """One row per (entry, seed, NFE, step) evaluated: the final step and, for runs from scratch, the middle one."""
+    """One row per (entry, seed, NFE, step) evaluated: the final step and, for runs from scratch, the middle one
+    (and for ldm the teacher's step)."""
     rows = []
     for name in a.entries:
         entry = ENTRIES[name]
@@ -230,7 +236,8 @@ def collect(plan: Plan, a) -> list[dict]:
         for seed in plan.seeds:
             run = plan.run(name, seed)
             teacher = plan.teacher_steps if entry.source else 0
-            for step, final in ((own, True), (plan.mid, False)):
+            for step in dict.fromkeys((own, plan.mid, plan.teacher_steps)):
+                final = step == own
                 path = eval_file(run, step, a.n_eval, final)
                 if not path.exists():
                     continue
@@ -244,9 +251,9 @@ def collect(plan: Plan, a) -> list[dict]:
 
 def summarize(rows: list[dict]) -> list[dict]:
     out = []
-    for key in dict.fromkeys((r["entry"], r["nfe"], r["final"]) for r in rows):
-        mine = [r for r in rows if (r["entry"], r["nfe"], r["final"]) == key]
-        entry = dict(entry=key[0], nfe=key[1], final=key[2], step=mine[0]["step"],
+    for key in dict.fromkeys((r["entry"], r["nfe"], r["step"]) for r in rows):
+        mine = [r for r in rows if (r["entry"], r["nfe"], r["step"]) == key]
+        entry = dict(entry=key[0], nfe=key[1], step=key[2], final=mine[0]["final"],
                      seeds=sorted(r["seed"] for r in mine), own_steps=mine[0]["own_steps"],
                      teacher_steps=mine[0]["teacher_steps"], images=mine[0]["images"])
         for k in ("fd", "precision", "recall", "sec_per_step"):
@@ -276,12 +283,12 @@ def verdicts(summary: list[dict]) -> list[dict]:
     return out
 
 
-def curve_checks(summary: list[dict]) -> list[dict]:
+def curve_checks(plan: Plan, summary: list[dict]) -> list[dict]:
     """The curve target for every entry evaluated at both points: does the mean FD rise from the middle step to the
     last by more than the seeds' sd at the last step (3 seeds at both points)?"""
     out = []
     for last in [s for s in summary if s["final"] and "fd" in s]:
-        middle = [s for s in summary if not s["final"] and (s["entry"], s["nfe"]) == (last["entry"], last["nfe"])]
+        middle = [s for s in summary if (s["entry"], s["nfe"], s["step"]) == (last["entry"], last["nfe"], plan.mid)]
         if not middle or "fd" not in middle[0]:
             continue
         mid = middle[0]
@@ -311,7 +318,7 @@ def pm(e: dict, k: str, f: str) -> str:
 def report(plan: Plan, a, results: Path) -> Path:
     rows = collect(plan, a)
     summary = summarize(rows)
-    judged, curves = verdicts(summary), curve_checks(summary)
+    judged, curves = verdicts(summary), curve_checks(plan, summary)
     stem = f"leaderboard-utkface64-{plan.budget}steps"
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -334,6 +341,9 @@ def report(plan: Plan, a, results: Path) -> Path:
                      f"{pm(e, 'recall', '.4f')} | {e['own_steps']} + {e['teacher_steps']} | {e['images']:,} | "
                      f"{pm(e, 'sec_per_step', '.2f')} | {len(e['seeds'])} |")
     lines.append("")
+    for t in (s for s in summary if s["entry"] == "ldm" and s["step"] == plan.teacher_steps and "fd" in s):
+        lines += [f"- The teacher itself (ldm at step {t['step']}, {t['nfe']} NFE): FD {pm(t, 'fd', '.1f')} "
+                  f"({len(t['seeds'])} seeds)"]
     for v in judged:
         verdict = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}[
             v["beats_ldm_by_2_pooled_sd"]]

@@ -340,10 +340,11 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert tuned.args[tuned.args.index("--init") + 1] == str(plan.teacher(0))
     whats = [t.what for t in todo]
     assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
+    assert "ldm seed 0: eval at step 60" in whats  # the teacher itself
     # a teacher-only ldm run when ldm itself is not on the board: trained, never scored
     a2 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilcd", "--seeds", "0"])
     assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0]), a2, tmp_path, tmp_path)] == [
-        "ldm seed 0", "ilcd seed 0", "ilcd seed 0: eval"]
+        "ldm seed 0", "ilcd seed 0", "ilcd seed 0: eval"]  # (a teacher run not on the board is not scored)
     # a report from fake evaluations: ldm at 35 NFE, ilct-tuned at 1 and 2 NFE, slct from scratch; 3 seeds each
     for seed, (fd_ldm, fd_tuned) in enumerate([(100.0, 80.0), (101.0, 81.0), (99.0, 79.0)]):
         for name, results in (("ldm", [dict(nfe=35, fd=fd_ldm)]),
@@ -354,6 +355,8 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
             (run / f"eval-final-n{a.n_eval}.json").write_text(json.dumps({"results": results}))
         (plan.run("slct", seed) / f"eval-step00000050-n{a.n_eval}.json").write_text(
             json.dumps({"results": [dict(nfe=1, fd=140.0 + seed)]}))
+        (plan.run("ldm", seed) / f"eval-step00000060-n{a.n_eval}.json").write_text(
+            json.dumps({"results": [dict(nfe=35, fd=120.0 + seed)]}))
     a.entries = ["ldm", "ilct-tuned", "slct"]
     md = board.report(plan, a, tmp_path / "results").read_text()
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
@@ -362,6 +365,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "ilct-tuned at 2 NFE vs ldm at 35: FD lower by -30.0" in md and "**no**" in md
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
+    assert "The teacher itself (ldm at step 60, 35 NFE): FD 121.0 +- 1.0 (3 seeds)" in md
     assert (tmp_path / "results" / "leaderboard-utkface64-100steps-curves.png").stat().st_size > 0
 
 
