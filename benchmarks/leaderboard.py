@@ -13,7 +13,9 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
   its weights (``slct train --init``, consistency tuning); ``slct-tuned``: the same with sLCT's objective (Cauchy
   loss, diffusion loss, OT, adaptive c) on the teacher's GroupNorm network;
-- ``ilcd``: iLCT's consistency distillation from the same teacher for K - T steps (``--teacher``).
+- ``ilcd``: iLCT's consistency distillation from the same teacher for K - T steps (``--teacher``), the student from
+  scratch; ``ilcd-init``: the same with the student starting as the teacher (``--init`` too), as consistency
+  distillation is usually run.
 
 The teacher of a seed is the ``ldm`` entry's own snapshot at step T (that run writes one every gcd(T, K/2) steps):
 an ``ldm`` run's first T steps do not depend on its length (no curriculum, a step-only learning rate, the ramp-up
@@ -58,7 +60,13 @@ GROUP_NORMS = ["network.block_norm=group", "network.out_norm=group"]  # the ldm 
 class Entry:
     preset: str
     sets: tuple = ()
-    source: str = ""  # "init" (start from the teacher's weights) | "teacher" (distil from it) | ""
+    init: bool = False  # start from the teacher's weights (slct train --init)
+    distil: bool = False  # distil from the teacher (--teacher)
+
+    @property
+    def source(self) -> bool:
+        """Uses the teacher: its steps count in this entry's budget."""
+        return self.init or self.distil
 
     def own_steps(self, budget: int, teacher_steps: int) -> int:
         return budget - teacher_steps if self.source else budget
@@ -67,9 +75,10 @@ class Entry:
 # in the order they run: the bar, the likeliest winners (from the bar's own weights), the paper's pair, the rest
 ENTRIES: dict[str, Entry] = {
     "ldm": Entry("ldm"),
-    "ilct-tuned": Entry("ilct", tuple(GROUP_NORMS), source="init"),
-    "ilcd": Entry("ilcd", source="teacher"),
-    "slct-tuned": Entry("slct", tuple(GROUP_NORMS), source="init"),  # the paper's technique, tuning from ldm
+    "ilct-tuned": Entry("ilct", tuple(GROUP_NORMS), init=True),
+    "ilcd": Entry("ilcd", distil=True),  # the student from scratch
+    "slct-tuned": Entry("slct", tuple(GROUP_NORMS), init=True),  # the paper's technique, tuning from ldm
+    "ilcd-init": Entry("ilcd", distil=True, init=True),  # the student starts as the teacher (as CD is usually run)
     "slct": Entry("slct"),
     "slct-stage-robust": Entry("slct", ("optim.stage_warmup_steps=50", "optim.grad_scale_beta=0.9")),
     "ilct": Entry("ilct"),
@@ -129,9 +138,9 @@ def train_command(plan: Plan, name: str, seed: int, data: Path) -> list[str]:
         cmd += ["--set", f"checkpoint.snapshot_every_steps={math.gcd(plan.teacher_steps, plan.mid)}"]
     for extra in entry.sets:
         cmd += ["--set", extra]
-    if entry.source == "init":
+    if entry.init:
         cmd += ["--init", str(plan.teacher(seed))]
-    elif entry.source == "teacher":
+    if entry.distil:
         cmd += ["--teacher", str(plan.teacher(seed))]
     return cmd
 

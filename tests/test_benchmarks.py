@@ -337,7 +337,9 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
                 assert 60 % cfg.checkpoint.snapshot_every_steps == 0 and 50 % cfg.checkpoint.snapshot_every_steps == 0
             assert task.needs == ((plan.teacher(int(task.what[-1])),) if tuned else ())
     tuned = next(t for t in todo if t.what == "ilct-tuned seed 0")
-    assert tuned.args[tuned.args.index("--init") + 1] == str(plan.teacher(0))
+    assert tuned.args[tuned.args.index("--init") + 1] == str(plan.teacher(0)) and "--teacher" not in tuned.args
+    cd_init = next(t for t in todo if t.what == "ilcd-init seed 0").args  # distilled, the student starts as the teacher
+    assert cd_init[cd_init.index("--init") + 1] == cd_init[cd_init.index("--teacher") + 1] == str(plan.teacher(0))
     whats = [t.what for t in todo]
     assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
     assert "ldm seed 0: eval at step 60" in whats  # the teacher itself
