@@ -245,6 +245,7 @@ def collect(plan: Plan, a) -> list[dict]:
         for seed in plan.seeds:
             run = plan.run(name, seed)
             teacher = plan.teacher_steps if entry.source else 0
+            speed = seconds_per_step(run)  # once per run, not per evaluated row
             for step in dict.fromkeys((own, plan.mid, plan.teacher_steps)):
                 final = step == own
                 path = eval_file(run, step, a.n_eval, final)
@@ -254,7 +255,7 @@ def collect(plan: Plan, a) -> list[dict]:
                     rows.append(dict(entry=name, seed=seed, nfe=r["nfe"], step=step, final=final, fd=r["fd"],
                                      precision=r.get("precision"), recall=r.get("recall"), own_steps=own,
                                      teacher_steps=teacher, images=(own + teacher) * a.batch,
-                                     sec_per_step=seconds_per_step(run)))
+                                     sec_per_step=speed))
     return rows
 
 
