@@ -8,14 +8,18 @@ of training steps, teacher steps included, on UTKFace 64 px through TAEF2 (`unet
 Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spent on the teacher):
 
 - ``ldm``: the EDM diffusion baseline, K steps, scored at its Heun sampler's 35 NFE: the bar to clear;
-- ``ilct``, ``slct``, ``meanflow``, ``shortcut``, ``soflow``: K steps from scratch;
-- ``slct-stage-robust``: sLCT with the stage-jump remedies (docs/training.md "Stage jumps");
+- ``ilct``, ``slct``, ``meanflow``, ``shortcut``, ``soflow``: K steps from scratch (the consistency models with
+  the preset's curriculum: eq. 10's doubling stopped at N = 81);
+- ``slct-n641``: sLCT with the paper's curriculum end (N up to 641), where its FD declines late;
+- ``slct-stage-robust``, ``slct-n641-stage-robust``: the same two with the stage-jump remedies (docs/training.md
+  "Stage jumps");
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
   its weights (``slct train --init``, consistency tuning); ``slct-tuned``: the same with sLCT's objective (Cauchy
   loss, diffusion loss, OT, adaptive c) on the teacher's GroupNorm network;
 - ``ilcd``: iLCT's consistency distillation from the same teacher for K - T steps (``--teacher``), the student from
   scratch; ``ilcd-init``: the same with the student starting as the teacher (``--init`` too), as consistency
-  distillation is usually run.
+  distillation is usually run. Their K - T = 500 steps walk the same four stages (N = 11 ... 81, 125 steps each)
+  whether the curriculum ends at N = 81 or 641 (tests/test_curriculum.py), so the preset's cap leaves them unchanged.
 
 The teacher of a seed is the ``ldm`` entry's own snapshot at step T (that run writes one every gcd(T, K/2) steps):
 an ``ldm`` run's first T steps do not depend on its length (no curriculum, a step-only learning rate, the ramp-up
@@ -54,6 +58,8 @@ from common import load_sibling, machine  # noqa: E402
 
 ablation = load_sibling("ablation")  # slct(), the data and reference stages, mean_sd(), the seed rule, figures
 GROUP_NORMS = ["network.block_norm=group", "network.out_norm=group"]  # the ldm preset's: a tuned run must match
+PAPER_S1 = "objective.s1=640"  # the paper's curriculum end, N = 641 (the utkface64 preset stops at N = 81)
+STAGE_ROBUST = ("optim.stage_warmup_steps=50", "optim.grad_scale_beta=0.9")  # docs/training.md "Stage jumps"
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,11 @@ ENTRIES: dict[str, Entry] = {
     "ilcd": Entry("ilcd", distil=True),  # the student from scratch
     "slct-tuned": Entry("slct", tuple(GROUP_NORMS), init=True),  # the paper's technique, tuning from ldm
     "ilcd-init": Entry("ilcd", distil=True, init=True),  # the student starts as the teacher (as CD is usually run)
+    "slct-n641": Entry("slct", (PAPER_S1,)),  # eq. 10's doubling up to N = 641: the late decline
+    "slct-n641-stage-robust": Entry("slct", (PAPER_S1, *STAGE_ROBUST)),  # does the optimiser cause it?
+    "ilct": Entry("ilct"),  # the preset's curriculum: N up to 81
     "slct": Entry("slct"),
-    "slct-stage-robust": Entry("slct", ("optim.stage_warmup_steps=50", "optim.grad_scale_beta=0.9")),
-    "ilct": Entry("ilct"),
+    "slct-stage-robust": Entry("slct", STAGE_ROBUST),
     "soflow": Entry("soflow"),
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),

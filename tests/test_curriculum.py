@@ -172,6 +172,24 @@ def test_minimum_stage_length_keeps_the_doubling_and_walks_fewer_stages():
     assert all(num_scales(k, 295_313, 10, 640, 1000) == num_scales(k, 295_313) for k in range(0, 295_313, 997))
 
 
+def test_utkface64s_curriculum_end_leaves_runs_of_at_most_500_steps_unchanged():
+    """The utkface64 preset stops eq. 10 at N = 81 (s1 = 80) with its 125-step floor: at 2,000 steps four stages of
+    500, and any run of at most 500 steps (the leaderboard's tuned entries) walks exactly what s1 = 640 gives."""
+    from slct.config import load_config
+    from slct.curriculum import curriculum_stages
+
+    obj = load_config("ilct", "utkface64").objective
+    assert (obj.s0, obj.s1, obj.min_stage_steps) == (10, 80, 125)
+    assert [(s["steps"], s["n_scales"]) for s in curriculum_stages(2000, obj.s0, obj.s1, obj.min_stage_steps)] == \
+        [(500, 11), (500, 21), (500, 41), (500, 81)]
+    for total in (1, 7, 100, 374, 375, 499, 500):
+        assert curriculum_stages(total, 10, 80, 125) == curriculum_stages(total, 10, 640, 125)
+        assert [num_scales(k, total, 10, 80, 125) for k in range(total)] == \
+            [num_scales(k, total, 10, 640, 125) for k in range(total)]
+    # beyond 500 steps they part: the paper's end keeps doubling past 81
+    assert num_scales(700, 800, 10, 640, 125) == 321 and num_scales(700, 800, 10, 80, 125) == 81
+
+
 def test_calibrated_c_puts_the_chosen_quantile_at_the_cauchy_knee():
     from slct.curriculum import calibrated_c
 
