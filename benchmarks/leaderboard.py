@@ -87,9 +87,9 @@ ENTRIES: dict[str, Entry] = {
     "ilcd-init": Entry("ilcd", distil=True, init=True),  # the student starts as the teacher (as CD is usually run)
     "slct-n641": Entry("slct", (PAPER_S1,)),  # eq. 10's doubling up to N = 641: the late decline
     "slct-n641-stage-robust": Entry("slct", (PAPER_S1, *STAGE_ROBUST)),  # does the optimiser cause it?
-    "ilct": Entry("ilct"),  # the preset's curriculum: N up to 81
-    "slct": Entry("slct"),
+    "slct": Entry("slct"),  # the preset's curriculum: N up to 81
     "slct-stage-robust": Entry("slct", STAGE_ROBUST),
+    "ilct": Entry("ilct"),
     "soflow": Entry("soflow"),
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),
