@@ -318,6 +318,32 @@ def curve_checks(plan: Plan, summary: list[dict]) -> list[dict]:
     return out
 
 
+def stage_rows(plan: Plan, a) -> list[dict]:
+    """The runs' per-stage diagnostics (metrics.jsonl ``stage`` rows, one per curriculum stage N): the median
+    gradient norm of the loss as the objective gives it and the largest logged Adam step, averaged over the seeds
+    that logged that stage (a run stopped and resumed logs the part of the stage after the resume)."""
+    out = []
+    for name in a.entries:
+        by_n: dict[int, list[dict]] = {}
+        for seed in plan.seeds:
+            metrics = plan.run(name, seed) / "metrics.jsonl"
+            if not metrics.exists():
+                continue
+            mine = {}  # N -> the run's last row for it
+            for line in open(metrics):
+                if '"stage_n_scales"' in line:
+                    row = json.loads(line)
+                    mine[int(row["stage_n_scales"])] = row
+            for n, row in mine.items():
+                by_n.setdefault(n, []).append(row)
+        for n, rows in sorted(by_n.items()):
+            adam = [r["adam_step_rms_max"] for r in rows if "adam_step_rms_max" in r]
+            out.append(dict(entry=name, n_scales=n, seeds=len(rows),
+                            grad_norm_median=sum(r["grad_norm_median"] for r in rows) / len(rows),
+                            adam_step_rms_max=sum(adam) / len(adam) if adam else None))
+    return out
+
+
 def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str) -> None:
     """The sample grids of every entry's first seed and the FD curves (steps counted with the teacher's)."""
     named = [(name, plan.run(name, plan.seeds[0]) /
@@ -336,7 +362,7 @@ def pm(e: dict, k: str, f: str) -> str:
 def report(plan: Plan, a, results: Path) -> Path:
     rows = collect(plan, a)
     summary = summarize(rows)
-    judged, curves = verdicts(summary), curve_checks(plan, summary)
+    judged, curves, stages = verdicts(summary), curve_checks(plan, summary), stage_rows(plan, a)
     stem = f"leaderboard-utkface64-{plan.budget}steps"
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -345,7 +371,7 @@ def report(plan: Plan, a, results: Path) -> Path:
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, budget=plan.budget, teacher_steps=plan.teacher_steps,
                   n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries}),
-        summary=summary, verdicts=judged, curves=curves, runs=rows), indent=2, default=list) + "\n")
+        summary=summary, verdicts=judged, curves=curves, stages=stages, runs=rows), indent=2, default=list) + "\n")
     lines = [f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all", "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {a.jobs} runs side by "
              "side, each on its share of the cores (s/step is per run)",
@@ -376,6 +402,14 @@ def report(plan: Plan, a, results: Path) -> Path:
             verdict = {True: "**yes**", False: "no", None: "not decided"}[c["rises_beyond_sd"]]
             lines.append(f"| {c['entry']} | {c['nfe']} | {c['fd_mid']:.1f} | {c['fd_last']:.1f} | {c['rise']:+.1f} | "
                          f"{c['sd']:.1f} | {verdict} |")
+    if stages:
+        lines += ["", "The stage jumps (docs/training.md): per curriculum stage N, the median gradient norm of the "
+                  "loss (before any optim.grad_scale_beta division) and the largest logged Adam step RMS (1: a "
+                  "steady gradient), each averaged over the seeds that logged the stage.", "",
+                  "| entry | N | gradient norm (median) | largest Adam step | seeds |", "|---|---:|---:|---:|---:|"]
+        for r in stages:
+            adam = "-" if r["adam_step_rms_max"] is None else f"{r['adam_step_rms_max']:.2f}"
+            lines.append(f"| {r['entry']} | {r['n_scales']} | {r['grad_norm_median']:.3g} | {adam} | {r['seeds']} |")
     figures(plan, a, rows, results, stem)
     lines += ["", f"![samples]({stem}-samples.png)", "",
               f"The same 32 seeds through each entry's final snapshot (seed {plan.seeds[0]}, ramp-up EMA).", "",

@@ -359,6 +359,10 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
             json.dumps({"results": [dict(nfe=1, fd=140.0 + seed)]}))
         (plan.run("ldm", seed) / f"eval-step00000060-n{a.n_eval}.json").write_text(
             json.dumps({"results": [dict(nfe=35, fd=120.0 + seed)]}))
+        stage = [dict(stage_n_scales=11, grad_norm_median=1.0 + seed, adam_step_rms_max=0.5),
+                 dict(stage_n_scales=21, grad_norm_median=4.0, adam_step_rms_max=0.2 * (seed + 1))]
+        (plan.run("slct", seed) / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in [dict(step=25, loss=1.0), *stage]))
     a.entries = ["ldm", "ilct-tuned", "slct"]
     md = board.report(plan, a, tmp_path / "results").read_text()
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
@@ -368,6 +372,8 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
     assert "The teacher itself (ldm at step 60, 35 NFE): FD 121.0 +- 1.0 (3 seeds)" in md
+    # the per-stage diagnostics, averaged over seeds
+    assert "| slct | 11 | 2 | 0.50 | 3 |" in md and "| slct | 21 | 4 | 0.40 | 3 |" in md
     assert (tmp_path / "results" / "leaderboard-utkface64-100steps-curves.png").stat().st_size > 0
 
 
