@@ -11,6 +11,7 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
 - ``ilct``, ``slct``, ``meanflow``, ``shortcut``, ``soflow``: K steps from scratch (the consistency models with
   the preset's curriculum: eq. 10's doubling stopped at N = 81);
 - ``slct-n641``: sLCT with the paper's curriculum end (N up to 641), where its FD declines late;
+- ``meanflow-boundary``: MeanFlow with 10% of its rows at r = 0, t = 1 (``objective.meanflow_boundary_fraction``);
 - ``slct-stage-robust``, ``slct-n641-stage-robust``: the same two with the stage-jump remedies (docs/training.md
   "Stage jumps");
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
@@ -93,6 +94,8 @@ ENTRIES: dict[str, Entry] = {
     "soflow": Entry("soflow"),
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),
+    # MeanFlow with 10% of its rows at the widest interval (r = 0, t = 1): the 1-step sampler's own case
+    "meanflow-boundary": Entry("meanflow", ("objective.meanflow_boundary_fraction=0.1",)),
 }
 
 
