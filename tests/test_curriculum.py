@@ -201,3 +201,25 @@ def test_calibrated_c_puts_the_chosen_quantile_at_the_cauchy_knee():
     assert calibrated_c(r, 0.9) > c
     with pytest.raises(ValueError, match="quantile"):
         calibrated_c(r, 1.0)
+
+
+def test_the_run_says_when_its_curriculum_does_not_fit_its_length(capsys):
+    """--dry-run (and train, before its first step) notes a short-run curriculum cap on a long run, and stages
+    shorter than RAdam's memory; a run the settings fit gets no note."""
+    from slct.cli import main
+    from slct.commands.train import curriculum_notes
+    from slct.config import load_config
+
+    def notes(preset, data_preset, steps, **objective):
+        return curriculum_notes(load_config(preset, data_preset, overrides={"train": {"total_steps": steps},
+                                                                           "objective": objective}))
+
+    assert notes("ilct", "utkface64", 2000) == []  # the preset's own length
+    [long] = notes("slct", "utkface64", 30_000)
+    assert "stops at N = 81" in long and "objective.s1=640" in long
+    assert notes("slct", "utkface64", 30_000, s1=640) == [] and notes("ldm", "utkface64", 30_000) == []
+    [short] = notes("slct", None, 2000)  # the paper's curriculum squeezed into 2,000 steps: stages of 285
+    assert "stages of 285 steps" in short and "min_stage_steps" in short
+    assert main(["train", "--preset", "slct", "--data-preset", "utkface64", "--steps", "30000", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "stage length K': 7,500 steps" in out and "note: the curriculum stops at N = 81" in out

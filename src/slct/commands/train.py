@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "train a latent consistency model (or the ldm baseline); re-run the same command to resume"
@@ -74,6 +75,9 @@ def run(args) -> int:
         return 0
     from slct.training import train
 
+    if os.environ.get("RANK", "0") == "0":  # once, not per process under torchrun
+        for note in curriculum_notes(cfg):
+            print(note, file=sys.stderr)
     out = args.out or f"runs/{cfg.preset.replace(' x ', '-') or 'run'}"
     result = train(cfg, out, resume=args.resume, until_step=args.until_step, max_minutes=args.minutes,
                    progress="lines" if args.no_progress else "bar")
@@ -118,9 +122,7 @@ def dry_run_report(cfg) -> str:
             c = (f"{c_schedule(obj.c_schedule, stage['n_scales'], dim, obj.s0, c0=obj.c0):.6g}"
                  if obj.c_schedule in C_SCHEDULES else "measured at the start")
             lines.append(f"{stage['start']:>10,} {stage['steps']:>9,} {stage['n_scales']:>6} {c:>22}")
-        if k_prime < 1000 and tr.total_steps >= 1000 and not obj.min_stage_steps:
-            lines.append(f"note: stages of {k_prime} steps are shorter than RAdam's memory (~1,000 steps at beta2 "
-                         "0.999); objective.min_stage_steps gives each stage a floor (fewer stages)")
+        lines += curriculum_notes(cfg)
     try:
         from slct.model import build_model, count_parameters
 
@@ -130,6 +132,28 @@ def dry_run_report(cfg) -> str:
     except (ValueError, ImportError) as e:
         lines.append(f"network: could not be built: {e}")
     return "\n".join(lines)
+
+
+LONG_RUN_STEPS = 20_000  # beyond the lengths the short-run curriculum cap was measured at (500-2,000 steps)
+
+
+def curriculum_notes(cfg) -> list[str]:
+    """What a run's length says about its curriculum settings (printed by --dry-run and when training starts)."""
+    from slct.curriculum import stage_length_steps, uses_curriculum
+
+    obj, total = cfg.objective, cfg.train.total_steps
+    if not uses_curriculum(obj):
+        return []
+    notes = []
+    k_prime = stage_length_steps(total, obj.s0, obj.s1, obj.min_stage_steps)
+    if k_prime < 1000 and total >= 1000 and not obj.min_stage_steps:
+        notes.append(f"note: stages of {k_prime} steps are shorter than RAdam's memory (~1,000 steps at beta2 "
+                     "0.999); objective.min_stage_steps gives each stage a floor (fewer stages)")
+    if obj.s1 < 640 and total >= LONG_RUN_STEPS:
+        notes.append(f"note: the curriculum stops at N = {obj.s1 + 1} (objective.s1={obj.s1}: a short-run setting, "
+                     f"measured at 2,000 steps); for a run of {total:,} steps consider the paper's "
+                     "--set objective.s1=640")
+    return notes
 
 
 def _latent_shape(cfg):
