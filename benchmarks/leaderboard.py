@@ -285,6 +285,19 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+# the questions the board answers besides "does it beat ldm": (better?, than), each at every NFE both were scored at
+PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct", "slct-n641"), ("slct-stage-robust", "slct"),
+         ("slct", "ilct"), ("slct-stage-robust", "ilct"), ("meanflow-boundary", "meanflow")]
+
+
+def beats(mine: dict, other: dict) -> tuple[float, float, bool | None]:
+    """(FD difference other - mine, pooled sd, lower by more than 2 pooled sd?); no verdict below 3 seeds a side."""
+    pooled = ((mine["fd_sd"] ** 2 + other["fd_sd"] ** 2) / 2) ** 0.5
+    enough = min(len(mine["seeds"]), len(other["seeds"])) >= ablation.MIN_SEEDS_FOR_VERDICT
+    diff = other["fd"] - mine["fd"]
+    return diff, pooled, (diff > 2 * pooled if enough else None)
+
+
 def verdicts(summary: list[dict]) -> list[dict]:
     """Each few-step row against ldm's FD at its own sampler: lower by more than 2 pooled sd (3 seeds a side)?"""
     final = [s for s in summary if s["final"]]
@@ -296,11 +309,22 @@ def verdicts(summary: list[dict]) -> list[dict]:
     for s in final:
         if s["entry"] == "ldm" or "fd" not in s:
             continue
-        pooled = ((s["fd_sd"] ** 2 + bar["fd_sd"] ** 2) / 2) ** 0.5
-        enough = min(len(s["seeds"]), len(bar["seeds"])) >= ablation.MIN_SEEDS_FOR_VERDICT
-        diff = bar["fd"] - s["fd"]
+        diff, pooled, verdict = beats(s, bar)
         out.append(dict(entry=s["entry"], nfe=s["nfe"], fd_difference=diff, pooled_sd=pooled, ldm_nfe=bar["nfe"],
-                        beats_ldm_by_2_pooled_sd=diff > 2 * pooled if enough else None))
+                        beats_ldm_by_2_pooled_sd=verdict))
+    return out
+
+
+def comparisons(summary: list[dict]) -> list[dict]:
+    """The PAIRS at their final steps, NFE by NFE, where both entries have been scored."""
+    final = {(s["entry"], s["nfe"]): s for s in summary if s["final"] and "fd" in s}
+    out = []
+    for better, than in PAIRS:
+        for nfe in sorted({n for e, n in final if e == better}):
+            if (than, nfe) in final:
+                diff, pooled, verdict = beats(final[(better, nfe)], final[(than, nfe)])
+                out.append(dict(better=better, than=than, nfe=nfe, fd_difference=diff, pooled_sd=pooled,
+                                beats_by_2_pooled_sd=verdict))
     return out
 
 
@@ -366,6 +390,7 @@ def report(plan: Plan, a, results: Path) -> Path:
     rows = collect(plan, a)
     summary = summarize(rows)
     judged, curves, stages = verdicts(summary), curve_checks(plan, summary), stage_rows(plan, a)
+    pairs = comparisons(summary)
     stem = f"leaderboard-utkface64-{plan.budget}steps"
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -374,7 +399,7 @@ def report(plan: Plan, a, results: Path) -> Path:
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, budget=plan.budget, teacher_steps=plan.teacher_steps,
                   n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries}),
-        summary=summary, verdicts=judged, curves=curves, stages=stages, runs=rows), indent=2, default=list) + "\n")
+        summary=summary, verdicts=judged, curves=curves, comparisons=pairs, stages=stages, runs=rows), indent=2, default=list) + "\n")
     lines = [f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all", "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {a.jobs} runs side by "
              "side, each on its share of the cores (s/step is per run)",
@@ -396,6 +421,12 @@ def report(plan: Plan, a, results: Path) -> Path:
             v["beats_ldm_by_2_pooled_sd"]]
         lines.append(f"- {v['entry']} at {v['nfe']} NFE vs ldm at {v['ldm_nfe']}: FD lower by {v['fd_difference']:.1f} "
                      f"(2 pooled sd {2 * v['pooled_sd']:.1f}): beats it by more than 2 pooled sd: **{verdict}**")
+    if pairs:
+        lines += ["", "Between entries (final steps, the same NFE):", ""]
+    for c in pairs:
+        verdict = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}[c["beats_by_2_pooled_sd"]]
+        lines.append(f"- {c['better']} vs {c['than']} at {c['nfe']} NFE: FD lower by {c['fd_difference']:.1f} "
+                     f"(2 pooled sd {2 * c['pooled_sd']:.1f}): lower by more than 2 pooled sd: **{verdict}**")
     if curves:
         lines += ["", f"The curve target: FD at step {plan.mid} and at step {plan.budget} (runs from scratch); a rise "
                   "beyond the seeds' sd at the last step fails it.", "",

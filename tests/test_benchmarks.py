@@ -351,7 +351,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     for seed, (fd_ldm, fd_tuned) in enumerate([(100.0, 80.0), (101.0, 81.0), (99.0, 79.0)]):
         for name, results in (("ldm", [dict(nfe=35, fd=fd_ldm)]),
                               ("ilct-tuned", [dict(nfe=1, fd=fd_tuned), dict(nfe=2, fd=fd_tuned + 50)]),
-                              ("slct", [dict(nfe=1, fd=150.0 + seed)])):
+                              ("slct", [dict(nfe=1, fd=150.0 + seed)]), ("ilct", [dict(nfe=1, fd=160.0 + seed)])):
             run = plan.run(name, seed)
             run.mkdir(parents=True)
             (run / f"eval-final-n{a.n_eval}.json").write_text(json.dumps({"results": results}))
@@ -363,7 +363,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
                  dict(stage_n_scales=21, grad_norm_median=4.0, adam_step_rms_max=0.2 * (seed + 1))]
         (plan.run("slct", seed) / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in [dict(step=25, loss=1.0), *stage]))
-    a.entries = ["ldm", "ilct-tuned", "slct"]
+    a.entries = ["ldm", "ilct-tuned", "slct", "ilct"]
     md = board.report(plan, a, tmp_path / "results").read_text()
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
     assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
@@ -372,6 +372,9 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
     assert "The teacher itself (ldm at step 60, 35 NFE): FD 121.0 +- 1.0 (3 seeds)" in md
+    # the questions between entries (board.PAIRS): only pairs with both sides scored
+    assert "- slct vs ilct at 1 NFE: FD lower by 10.0 (2 pooled sd 2.0): lower by more than 2 pooled sd: **yes**" in md
+    assert "slct-stage-robust vs" not in md
     # the per-stage diagnostics, averaged over seeds
     assert "| slct | 11 | 2 | 0.50 | 3 |" in md and "| slct | 21 | 4 | 0.40 | 3 |" in md
     assert (tmp_path / "results" / "leaderboard-utkface64-100steps-curves.png").stat().st_size > 0
