@@ -90,8 +90,8 @@ ENTRIES: dict[str, Entry] = {
     "slct-n641-stage-robust": Entry("slct", (PAPER_S1, *STAGE_ROBUST)),  # does the optimiser cause it?
     "slct": Entry("slct"),  # the preset's curriculum: N up to 81
     "slct-stage-robust": Entry("slct", STAGE_ROBUST),
-    "ilct": Entry("ilct"),
     "soflow": Entry("soflow"),
+    "ilct": Entry("ilct"),
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),
     # MeanFlow with 10% of its rows at the widest interval (r = 0, t = 1): the 1-step sampler's own case
