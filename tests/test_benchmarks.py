@@ -374,7 +374,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "The teacher itself (ldm at step 60, 35 NFE): FD 121.0 +- 1.0 (3 seeds)" in md
     # the questions between entries (board.PAIRS): only pairs with both sides scored
     assert "- slct vs ilct at 1 NFE: FD lower by 10.0 (2 pooled sd 2.0): lower by more than 2 pooled sd: **yes**" in md
-    assert "slct-stage-robust vs" not in md
+    assert "slct vs slct-no-remedies" not in md
     # the per-stage diagnostics, averaged over seeds
     assert "| slct | 11 | 2 | 0.50 | 3 |" in md and "| slct | 21 | 4 | 0.40 | 3 |" in md
     assert (tmp_path / "results" / "leaderboard-utkface64-100steps-curves.png").stat().st_size > 0

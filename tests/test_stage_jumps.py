@@ -73,3 +73,20 @@ def test_the_options_are_validated():
         load_config("slct", "digits", sets=["optim.grad_scale_beta=1.0"])
     with pytest.raises(ValueError, match="optim.stage_warmup_steps must be >= 0"):
         load_config("slct", "digits", sets=["optim.stage_warmup_steps=-1"])
+
+
+def test_the_short_run_preset_has_the_remedies_for_the_curriculum_only():
+    """utkface64 (decided by the 3-seed 2,000-step leaderboard) turns both remedies on for the consistency models;
+    the objectives without a curriculum pin them off whatever the data preset says; the paper presets keep the
+    authors' settings (off)."""
+    from slct.config import list_presets
+    from slct.curriculum import uses_curriculum
+
+    for method in list_presets("method"):
+        teacher = ["objective.teacher=ldm-run"] if method in ("ilcd", "slcd") else []  # not opened here
+        cfg = load_config(method, "utkface64", sets=teacher)
+        on = (cfg.optim.stage_warmup_steps, cfg.optim.grad_scale_beta) == (50, 0.9)
+        off = (cfg.optim.stage_warmup_steps, cfg.optim.grad_scale_beta) == (0, 0.0)
+        assert on if uses_curriculum(cfg.objective) else off, method
+        paper = load_config(method, "celebahq256", sets=teacher).optim
+        assert (paper.stage_warmup_steps, paper.grad_scale_beta) == (0, 0.0), method
