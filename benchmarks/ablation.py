@@ -238,18 +238,24 @@ def summarize(final: list[dict], methods: list[str], weights: list[str]) -> list
     return out
 
 
+def beats(mine: dict, other: dict) -> tuple[float, float, bool | None]:
+    """(FD difference other - mine, pooled sd, lower by more than 2 pooled sd?) of two summary rows; one or two
+    seeds are an anecdote: the numbers are given, the verdict (None) waits for MIN_SEEDS_FOR_VERDICT a side."""
+    pooled = ((mine["fd_sd"] ** 2 + other["fd_sd"] ** 2) / 2) ** 0.5
+    enough = min(len(mine["seeds"]), len(other["seeds"])) >= MIN_SEEDS_FOR_VERDICT
+    diff = other["fd"] - mine["fd"]
+    return diff, pooled, (diff > 2 * pooled if enough else None)
+
+
 def compare(summary: list[dict], a: str = "slct", b: str = "ilct", nfe: int = 1) -> list[dict]:
     """Per weights: does ``a``'s mean FD at ``nfe`` steps beat ``b``'s by more than 2 pooled sd?"""
     out = []
     for w in sorted({s["weights"] for s in summary}):
         pick = {s["method"]: s for s in summary if s["weights"] == w and s["nfe"] == nfe}
         if a in pick and b in pick and len(pick[a]["seeds"]) > 1 and len(pick[b]["seeds"]) > 1:
-            pooled = ((pick[a]["fd_sd"] ** 2 + pick[b]["fd_sd"] ** 2) / 2) ** 0.5
-            diff = pick[b]["fd"] - pick[a]["fd"]
-            # one or two seeds are an anecdote: the numbers are shown, the verdict (None) waits for a third
-            enough = min(len(pick[a]["seeds"]), len(pick[b]["seeds"])) >= MIN_SEEDS_FOR_VERDICT
+            diff, pooled, verdict = beats(pick[a], pick[b])
             out.append(dict(weights=w, nfe=nfe, better=a, than=b, fd_difference=diff, pooled_sd=pooled,
-                            beats_by_2_pooled_sd=diff > 2 * pooled if enough else None))
+                            beats_by_2_pooled_sd=verdict))
     return out
 
 

@@ -293,12 +293,7 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
          ("slct", "slct-n641-stage-robust"), ("slct", "ilct"), ("meanflow-boundary", "meanflow")]
 
 
-def beats(mine: dict, other: dict) -> tuple[float, float, bool | None]:
-    """(FD difference other - mine, pooled sd, lower by more than 2 pooled sd?); no verdict below 3 seeds a side."""
-    pooled = ((mine["fd_sd"] ** 2 + other["fd_sd"] ** 2) / 2) ** 0.5
-    enough = min(len(mine["seeds"]), len(other["seeds"])) >= ablation.MIN_SEEDS_FOR_VERDICT
-    diff = other["fd"] - mine["fd"]
-    return diff, pooled, (diff > 2 * pooled if enough else None)
+VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}
 
 
 def verdicts(summary: list[dict]) -> list[dict]:
@@ -312,7 +307,7 @@ def verdicts(summary: list[dict]) -> list[dict]:
     for s in final:
         if s["entry"] == "ldm" or "fd" not in s:
             continue
-        diff, pooled, verdict = beats(s, bar)
+        diff, pooled, verdict = ablation.beats(s, bar)
         out.append(dict(entry=s["entry"], nfe=s["nfe"], fd_difference=diff, pooled_sd=pooled, ldm_nfe=bar["nfe"],
                         beats_ldm_by_2_pooled_sd=verdict))
     return out
@@ -325,7 +320,7 @@ def comparisons(summary: list[dict]) -> list[dict]:
     for better, than in PAIRS:
         for nfe in sorted({n for e, n in final if e == better}):
             if (than, nfe) in final:
-                diff, pooled, verdict = beats(final[(better, nfe)], final[(than, nfe)])
+                diff, pooled, verdict = ablation.beats(final[(better, nfe)], final[(than, nfe)])
                 out.append(dict(better=better, than=than, nfe=nfe, fd_difference=diff, pooled_sd=pooled,
                                 beats_by_2_pooled_sd=verdict))
     return out
@@ -402,7 +397,8 @@ def report(plan: Plan, a, results: Path) -> Path:
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, budget=plan.budget, teacher_steps=plan.teacher_steps,
                   n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries}),
-        summary=summary, verdicts=judged, curves=curves, comparisons=pairs, stages=stages, runs=rows), indent=2, default=list) + "\n")
+        summary=summary, verdicts=judged, curves=curves, comparisons=pairs, stages=stages, runs=rows), indent=2,
+        default=list) + "\n")
     lines = [f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all", "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {a.jobs} runs side by "
              "side, each on its share of the cores (s/step is per run)",
@@ -420,14 +416,13 @@ def report(plan: Plan, a, results: Path) -> Path:
         lines += [f"- The teacher itself (ldm at step {t['step']}, {t['nfe']} NFE): FD {pm(t, 'fd', '.1f')} "
                   f"({len(t['seeds'])} seeds)"]
     for v in judged:
-        verdict = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}[
-            v["beats_ldm_by_2_pooled_sd"]]
+        verdict = VERDICT[v["beats_ldm_by_2_pooled_sd"]]
         lines.append(f"- {v['entry']} at {v['nfe']} NFE vs ldm at {v['ldm_nfe']}: FD lower by {v['fd_difference']:.1f} "
                      f"(2 pooled sd {2 * v['pooled_sd']:.1f}): beats it by more than 2 pooled sd: **{verdict}**")
     if pairs:
         lines += ["", "Between entries (final steps, the same NFE):", ""]
     for c in pairs:
-        verdict = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}[c["beats_by_2_pooled_sd"]]
+        verdict = VERDICT[c["beats_by_2_pooled_sd"]]
         lines.append(f"- {c['better']} vs {c['than']} at {c['nfe']} NFE: FD lower by {c['fd_difference']:.1f} "
                      f"(2 pooled sd {2 * c['pooled_sd']:.1f}): lower by more than 2 pooled sd: **{verdict}**")
     if curves:
