@@ -13,6 +13,9 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
 - ``slct-no-remedies``: sLCT with the preset's curriculum and without the remedies; ``slct-n641``: without them and
   with the paper's curriculum end (N up to 641), where its FD declines late; ``slct-n641-stage-robust``: N up to
   641 with the remedies;
+- ``ladder-cauchy``, ``ladder-diff``, ``ladder-ot``, ``ladder-adaptive-c``: the paper's Table 2a ladder from iLCT to
+  sLCT (each rung adds one part; ``slct`` adds Non-scaling LayerNorm last) with the same preset, rung against rung in
+  the report's comparisons: which part costs or gains FD at this budget;
 - ``meanflow-boundary``: MeanFlow with 10% of its rows at r = 0, t = 1 (``objective.meanflow_boundary_fraction``);
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
   its weights (``slct train --init``, consistency tuning); ``slct-tuned``: the same with sLCT's objective (Cauchy
@@ -95,6 +98,9 @@ ENTRIES: dict[str, Entry] = {
     "slct": Entry("slct"),  # the preset: N up to 81 and the remedies
     "soflow": Entry("soflow"),
     "ilct": Entry("ilct"),
+    # Table 2a's ladder from ilct to slct with the preset (N up to 81, the remedies): which of sLCT's parts costs FD
+    # at this budget (target 2; ladder-adaptive-c is slct with iLCT's GroupNorm)
+    **{name: Entry(name) for name in ("ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-c")},
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),
     # MeanFlow with 10% of its rows at the widest interval (r = 0, t = 1): the 1-step sampler's own case
@@ -170,30 +176,34 @@ def eval_command(run: Path, step: int, ref: Path, n: int, final: bool = True) ->
 
 def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
     """Every command, in the order they start: entry by entry (--entries' order), seed by seed, a run then its
-    evaluations. The teacher is the ldm run: listed first whenever an entry needs it."""
+    evaluations (with --seed-first: seed by seed, entry by entry, so a board stopped early has every entry's first
+    seed). The teacher is the ldm run: listed first whenever an entry needs it."""
     names = list(a.entries)
     if any(ENTRIES[n].source for n in names) and "ldm" not in names:
         names.insert(0, "ldm")
-    out = []
+    groups = []  # (seed, the run's tasks)
     for name in names:
         steps = ENTRIES[name].own_steps(plan.budget, plan.teacher_steps)
         for seed in plan.seeds:
             run = plan.run(name, seed)
             final = run / f"snapshot-{steps:08d}.pt"
             needs = (plan.teacher(seed),) if ENTRIES[name].source else ()
-            out.append(Task(f"{name} seed {seed}", final, train_command(plan, name, seed, data), needs))
+            group = [Task(f"{name} seed {seed}", final, train_command(plan, name, seed, data), needs)]
+            groups.append((seed, group))
             if name not in a.entries:  # only the teacher's run
                 continue
-            out.append(Task(f"{name} seed {seed}: eval", eval_file(run, steps, a.n_eval, True),
-                            eval_command(run, steps, ref, a.n_eval), (final,)))
+            group.append(Task(f"{name} seed {seed}: eval", eval_file(run, steps, a.n_eval, True),
+                              eval_command(run, steps, ref, a.n_eval), (final,)))
             # after the run: its middle snapshot is there by then; ldm also where it serves as the teacher
             middles = [plan.mid] if steps == plan.budget else []
             if name == "ldm" and any(ENTRIES[n].source for n in names):
                 middles.append(plan.teacher_steps)
             for step in middles:
-                out.append(Task(f"{name} seed {seed}: eval at step {step}", eval_file(run, step, a.n_eval, False),
-                                eval_command(run, step, ref, a.n_eval, final=False), (final,)))
-    return out
+                group.append(Task(f"{name} seed {seed}: eval at step {step}", eval_file(run, step, a.n_eval, False),
+                                  eval_command(run, step, ref, a.n_eval, final=False), (final,)))
+    if getattr(a, "seed_first", False):
+        groups.sort(key=lambda g: plan.seeds.index(g[0]))  # stable: entries keep their order within a seed
+    return [task for _, group in groups for task in group]
 
 
 def _interrupt(signum, frame):
@@ -290,7 +300,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 # the questions the board answers besides "does it beat ldm": (better?, than), each at every NFE both were scored at
 PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n641"), ("slct", "slct-no-remedies"),
-         ("slct", "slct-n641-stage-robust"), ("slct", "ilct"), ("meanflow-boundary", "meanflow")]
+         ("slct", "slct-n641-stage-robust"), ("slct", "ilct"), ("meanflow-boundary", "meanflow"),
+         # the ladder, rung by rung (a negative difference: the rung costs FD)
+         ("ladder-cauchy", "ilct"), ("ladder-diff", "ladder-cauchy"), ("ladder-ot", "ladder-diff"),
+         ("ladder-adaptive-c", "ladder-ot"), ("slct", "ladder-adaptive-c")]
 
 
 VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}
@@ -464,6 +477,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="the utkface64 preset's batch (for the images column)")
     p.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES), help="in the order they run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seed-first", action="store_true",
+                   help="run every entry's first seed before any second seed (a partial board covers every entry)")
     p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2, help="commands side by side")
     p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")

@@ -347,6 +347,13 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     a2 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilcd", "--seeds", "0"])
     assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0]), a2, tmp_path, tmp_path)] == [
         "ldm seed 0", "ilcd seed 0", "ilcd seed 0: eval"]  # (a teacher run not on the board is not scored)
+    # --seed-first: every entry's seed 0 (with its evaluations) before any seed 1; the teacher still first
+    a3 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilct", "ilcd", "--seeds", "0", "1",
+                                    "--seed-first"])
+    assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0, 1]), a3, tmp_path, tmp_path)
+            if ":" not in t.what] == ["ldm seed 0", "ilct seed 0", "ilcd seed 0", "ldm seed 1", "ilct seed 1",
+                                      "ilcd seed 1"]
+    assert all(name in board.ENTRIES for pair in board.PAIRS for name in pair)  # no comparison of a missing entry
     # a report from fake evaluations: ldm at 35 NFE, ilct-tuned at 1 and 2 NFE, slct from scratch; 3 seeds each
     for seed, (fd_ldm, fd_tuned) in enumerate([(100.0, 80.0), (101.0, 81.0), (99.0, 79.0)]):
         for name, results in (("ldm", [dict(nfe=35, fd=fd_ldm)]),
