@@ -116,6 +116,18 @@ def test_overrides_are_strict(expr, match):
         load_config("slct", sets=[expr])
 
 
+def test_the_objectives_without_a_curriculum_share_one_base():
+    """ldm, meanflow, shortcut, soflow extend the hidden ``_no-curriculum`` base: GroupNorm, no OT, no diffusion
+    term, a data preset's stage-jump remedies off; the base itself is neither listed nor trainable."""
+    assert not any(name.startswith("_") for name in list_presets("method"))
+    with pytest.raises(ValueError, match="unknown method preset '_no-curriculum'"):
+        load_preset("method", "_no-curriculum")
+    for name in ("ldm", "meanflow", "shortcut", "soflow"):
+        cfg = load_config(name, "utkface64")
+        assert (cfg.network.block_norm, cfg.network.out_norm, cfg.objective.coupling) == ("group", "group", "none")
+        assert (cfg.objective.diffusion_r, cfg.optim.stage_warmup_steps, cfg.optim.grad_scale_beta) == (0, 0, 0)
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: .*ilct"):
         load_preset("method", "ict")

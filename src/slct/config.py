@@ -330,8 +330,10 @@ def _preset_dir(kind: str):
 
 
 def list_presets(kind: str) -> list[str]:
-    """Names of the shipped presets of one kind ("method" or "data")."""
-    return sorted(p.name[:-5] for p in _preset_dir(kind).iterdir() if p.name.endswith(".yaml"))
+    """Names of the shipped presets of one kind ("method" or "data"); a name starting with ``_`` is a shared base
+    that presets extend, not one to train with, and is not listed."""
+    return sorted(p.name[:-5] for p in _preset_dir(kind).iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def load_preset(kind: str, name: str, _seen: tuple = ()) -> dict:
@@ -339,7 +341,7 @@ def load_preset(kind: str, name: str, _seen: tuple = ()) -> dict:
     if kind not in PRESET_KINDS:
         raise ValueError(f"preset kind must be one of {PRESET_KINDS}, got {kind!r}")
     path = _preset_dir(kind) / f"{name}.yaml"
-    if not path.is_file():
+    if not path.is_file() or (name.startswith("_") and not _seen):  # a base only through extends:
         raise ValueError(f"unknown {kind} preset {name!r}; available: {', '.join(list_presets(kind))}")
     if name in _seen:
         raise ValueError(f"{kind} preset {name!r} extends itself (cycle: {' -> '.join((*_seen, name))})")
