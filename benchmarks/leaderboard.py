@@ -321,8 +321,9 @@ def verdicts(summary: list[dict]) -> list[dict]:
         if s["entry"] == "ldm" or "fd" not in s:
             continue
         diff, pooled, verdict = ablation.beats(s, bar)
+        worse = ablation.beats(bar, s)[2]  # the other side of the same rule: a tie is neither
         out.append(dict(entry=s["entry"], nfe=s["nfe"], fd_difference=diff, pooled_sd=pooled, ldm_nfe=bar["nfe"],
-                        beats_ldm_by_2_pooled_sd=verdict))
+                        beats_ldm_by_2_pooled_sd=verdict, worse_than_ldm_by_2_pooled_sd=worse))
     return out
 
 
@@ -430,8 +431,10 @@ def report(plan: Plan, a, results: Path) -> Path:
                   f"({len(t['seeds'])} seeds)"]
     for v in judged:
         verdict = VERDICT[v["beats_ldm_by_2_pooled_sd"]]
+        tie = " (within 2 pooled sd either way: at ldm's FD)" if v["worse_than_ldm_by_2_pooled_sd"] is False \
+            and v["beats_ldm_by_2_pooled_sd"] is False else ""
         lines.append(f"- {v['entry']} at {v['nfe']} NFE vs ldm at {v['ldm_nfe']}: FD lower by {v['fd_difference']:.1f} "
-                     f"(2 pooled sd {2 * v['pooled_sd']:.1f}): beats it by more than 2 pooled sd: **{verdict}**")
+                     f"(2 pooled sd {2 * v['pooled_sd']:.1f}): beats it by more than 2 pooled sd: **{verdict}**{tie}")
     if pairs:
         lines += ["", "Between entries (final steps, the same NFE):", ""]
     for c in pairs:

@@ -376,6 +376,10 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
            "sd: **yes**" in md
     assert "ilct-tuned at 2 NFE vs ldm at 35: FD lower by -30.0" in md and "**no**" in md
+    assert "at ldm's FD" not in md  # every fake row is clearly better or worse: no tie
+    ties = board.verdicts([dict(entry="ldm", nfe=35, final=True, fd=100.0, fd_sd=4.0, seeds=[0, 1, 2]),
+                           dict(entry="ilct", nfe=1, final=True, fd=104.0, fd_sd=4.0, seeds=[0, 1, 2])])
+    assert (ties[0]["beats_ldm_by_2_pooled_sd"], ties[0]["worse_than_ldm_by_2_pooled_sd"]) == (False, False)
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
     assert "The teacher itself (ldm at step 60, 35 NFE): FD 121.0 +- 1.0 (3 seeds)" in md
