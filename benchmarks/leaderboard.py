@@ -16,6 +16,8 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
 - ``ladder-cauchy``, ``ladder-diff``, ``ladder-ot``, ``ladder-adaptive-c``: the paper's Table 2a ladder from iLCT to
   sLCT (each rung adds one part; ``slct`` adds Non-scaling LayerNorm last) with the same preset, rung against rung in
   the report's comparisons: which part costs or gains FD at this budget;
+- ``soflow`` is also scored at 4 and 8 NFE (``Entry.more_nfe``): whether its few-step FD comes from the flow
+  objective or from the few-step sampler;
 - ``meanflow-boundary``: MeanFlow with 10% of its rows at r = 0, t = 1 (``objective.meanflow_boundary_fraction``);
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
   its weights (``slct train --init``, consistency tuning); ``slct-tuned``: the same with sLCT's objective (Cauchy
@@ -75,6 +77,7 @@ class Entry:
     sets: tuple = ()
     init: bool = False  # start from the teacher's weights (slct train --init)
     distil: bool = False  # distil from the teacher (--teacher)
+    more_nfe: tuple = ()  # the final snapshot also at these NFE (beyond the run's own 1 and 2)
 
     @property
     def source(self) -> bool:
@@ -96,7 +99,8 @@ ENTRIES: dict[str, Entry] = {
     "slct-n641-stage-robust": Entry("slct", (PAPER_S1,)),  # the same with the preset's remedies
     "slct-no-remedies": Entry("slct", NO_REMEDIES),  # the preset's curriculum (N up to 81) without the remedies
     "slct": Entry("slct"),  # the preset: N up to 81 and the remedies
-    "soflow": Entry("soflow"),
+    # also at 4 and 8 NFE: whether its few-step FD is the flow objective's or the few-step sampler's
+    "soflow": Entry("soflow", more_nfe=(4, 8)),
     "ilct": Entry("ilct"),
     # Table 2a's ladder from ilct to slct with the preset (N up to 81, the remedies): which of sLCT's parts costs FD
     # at this budget (target 2; ladder-adaptive-c is slct with iLCT's GroupNorm)
@@ -165,13 +169,15 @@ def train_command(plan: Plan, name: str, seed: int, data: Path) -> list[str]:
     return cmd
 
 
-def eval_file(run: Path, step: int, n: int, final: bool) -> Path:
-    return run / (f"eval-final-n{n}.json" if final else f"eval-step{step:08d}-n{n}.json")
+def eval_file(run: Path, step: int, n: int, final: bool, nfe: tuple = ()) -> Path:
+    more = "".join(f"-nfe{k}" for k in nfe)  # an evaluation at NFE beyond the run's own
+    return run / (f"eval-final-n{n}{more}.json" if final else f"eval-step{step:08d}-n{n}{more}.json")
 
 
-def eval_command(run: Path, step: int, ref: Path, n: int, final: bool = True) -> list[str]:
+def eval_command(run: Path, step: int, ref: Path, n: int, final: bool = True, nfe: tuple = ()) -> list[str]:
     return ["eval", "--snapshot", str(run / f"snapshot-{step:08d}.pt"), "--ref", str(ref), "--n", str(n),
-            "--out", str(eval_file(run, step, n, final)), "--no-progress", "--ema", "rampup"]
+            "--out", str(eval_file(run, step, n, final, nfe)), "--no-progress", "--ema", "rampup",
+            *(["--nfe", *map(str, nfe)] if nfe else [])]
 
 
 def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
@@ -194,6 +200,11 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
                 continue
             group.append(Task(f"{name} seed {seed}: eval", eval_file(run, steps, a.n_eval, True),
                               eval_command(run, steps, ref, a.n_eval), (final,)))
+            more = ENTRIES[name].more_nfe
+            if more:
+                group.append(Task(f"{name} seed {seed}: eval at {', '.join(map(str, more))} NFE",
+                                  eval_file(run, steps, a.n_eval, True, more),
+                                  eval_command(run, steps, ref, a.n_eval, nfe=more), (final,)))
             # after the run: its middle snapshot is there by then; ldm also where it serves as the teacher
             middles = [plan.mid] if steps == plan.budget else []
             if name == "ldm" and any(ENTRIES[n].source for n in names):
@@ -270,9 +281,11 @@ def collect(plan: Plan, a) -> list[dict]:
             run = plan.run(name, seed)
             teacher = plan.teacher_steps if entry.source else 0
             speed = seconds_per_step(run)  # once per run, not per evaluated row
-            for step in dict.fromkeys((own, plan.mid, plan.teacher_steps)):
-                final = step == own
-                path = eval_file(run, step, a.n_eval, final)
+            evaluated = [(step, step == own, eval_file(run, step, a.n_eval, step == own))
+                         for step in dict.fromkeys((own, plan.mid, plan.teacher_steps))]
+            if entry.more_nfe:
+                evaluated.append((own, True, eval_file(run, own, a.n_eval, True, entry.more_nfe)))
+            for step, final, path in evaluated:
                 if not path.exists():
                     continue
                 for r in json.loads(path.read_text())["results"]:

@@ -341,6 +341,8 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     cd_init = next(t for t in todo if t.what == "ilcd-init seed 0").args  # distilled, the student starts as the teacher
     assert cd_init[cd_init.index("--init") + 1] == cd_init[cd_init.index("--teacher") + 1] == str(plan.teacher(0))
     whats = [t.what for t in todo]
+    more = next(t for t in todo if t.what == "soflow seed 0: eval at 4, 8 NFE")  # beyond the run's own NFE
+    assert more.args[-3:] == ["--nfe", "4", "8"] and more.done.name == "eval-final-n1000-nfe4-nfe8.json"
     assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
     assert "ldm seed 0: eval at step 60" in whats  # the teacher itself
     # a teacher-only ldm run when ldm itself is not on the board: trained, never scored
@@ -362,6 +364,11 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
             run = plan.run(name, seed)
             run.mkdir(parents=True)
             (run / f"eval-final-n{a.n_eval}.json").write_text(json.dumps({"results": results}))
+        soflow = plan.run("soflow", seed)
+        soflow.mkdir(parents=True)
+        (soflow / f"eval-final-n{a.n_eval}.json").write_text(json.dumps({"results": [dict(nfe=1, fd=90.0)]}))
+        (soflow / f"eval-final-n{a.n_eval}-nfe4-nfe8.json").write_text(
+            json.dumps({"results": [dict(nfe=4, fd=95.0 + seed)]}))
         (plan.run("slct", seed) / f"eval-step00000050-n{a.n_eval}.json").write_text(
             json.dumps({"results": [dict(nfe=1, fd=140.0 + seed)]}))
         (plan.run("ldm", seed) / f"eval-step00000060-n{a.n_eval}.json").write_text(
@@ -370,7 +377,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
                  dict(stage_n_scales=21, grad_norm_median=4.0, adam_step_rms_max=0.2 * (seed + 1))]
         (plan.run("slct", seed) / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in [dict(step=25, loss=1.0), *stage]))
-    a.entries = ["ldm", "ilct-tuned", "slct", "ilct"]
+    a.entries = ["ldm", "ilct-tuned", "slct", "ilct", "soflow"]
     md = board.report(plan, a, tmp_path / "results").read_text()
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
     assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
@@ -382,6 +389,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert (ties[0]["beats_ldm_by_2_pooled_sd"], ties[0]["worse_than_ldm_by_2_pooled_sd"]) == (False, False)
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
+    assert "| soflow | 1 | 90.0 +- 0.0 |" in md and "| soflow | 4 | 96.0 +- 1.0 |" in md  # the extra NFE's file
     assert "The teacher itself (ldm at step 60, 35 NFE): FD 121.0 +- 1.0 (3 seeds)" in md
     # the questions between entries (board.PAIRS): only pairs with both sides scored
     assert "- slct vs ilct at 1 NFE: FD lower by 10.0 (2 pooled sd 2.0): lower by more than 2 pooled sd: **yes**" in md
