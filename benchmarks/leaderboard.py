@@ -336,7 +336,8 @@ def verdicts(summary: list[dict]) -> list[dict]:
         diff, pooled, verdict = ablation.beats(s, bar)
         worse = ablation.beats(bar, s)[2]  # the other side of the same rule: a tie is neither
         out.append(dict(entry=s["entry"], nfe=s["nfe"], fd_difference=diff, pooled_sd=pooled, ldm_nfe=bar["nfe"],
-                        beats_ldm_by_2_pooled_sd=verdict, worse_than_ldm_by_2_pooled_sd=worse))
+                        seeds=min(len(s["seeds"]), len(bar["seeds"])), beats_ldm_by_2_pooled_sd=verdict,
+                        worse_than_ldm_by_2_pooled_sd=worse))
     return out
 
 
@@ -349,6 +350,7 @@ def comparisons(summary: list[dict]) -> list[dict]:
             if (than, nfe) in final:
                 diff, pooled, verdict = ablation.beats(final[(better, nfe)], final[(than, nfe)])
                 out.append(dict(better=better, than=than, nfe=nfe, fd_difference=diff, pooled_sd=pooled,
+                                seeds=min(len(final[(better, nfe)]["seeds"]), len(final[(than, nfe)]["seeds"])),
                                 beats_by_2_pooled_sd=verdict))
     return out
 
@@ -400,9 +402,14 @@ def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str) -> None:
     """The sample grids of every entry's first seed and the FD curves (steps counted with the teacher's)."""
     named = [(name, plan.run(name, plan.seeds[0]) /
               f"snapshot-{ENTRIES[name].own_steps(plan.budget, plan.teacher_steps):08d}.pt") for name in a.entries]
-    ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", results / f"{stem}-samples.png")
+    ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", results / f"{stem}-samples.jpg")
     ablation.figure_curves([dict(method=r["entry"], nfe=r["nfe"], n=a.n_eval, step=r["teacher_steps"] + r["step"],
-                                 fd=r["fd"]) for r in rows], results / f"{stem}-curves.png")
+                                 fd=r["fd"]) for r in rows if r["nfe"] in (1, 35)], results / f"{stem}-curves.png")
+
+
+def two_sd(v: dict) -> str:
+    """2 pooled sd of a verdict, where both sides have an sd (one seed has none)."""
+    return f"2 pooled sd {2 * v['pooled_sd']:.1f}" if v["seeds"] > 1 else "one seed: no sd"
 
 
 def pm(e: dict, k: str, f: str) -> str:
@@ -447,13 +454,13 @@ def report(plan: Plan, a, results: Path) -> Path:
         tie = " (within 2 pooled sd either way: at ldm's FD)" if v["worse_than_ldm_by_2_pooled_sd"] is False \
             and v["beats_ldm_by_2_pooled_sd"] is False else ""
         lines.append(f"- {v['entry']} at {v['nfe']} NFE vs ldm at {v['ldm_nfe']}: FD lower by {v['fd_difference']:.1f} "
-                     f"(2 pooled sd {2 * v['pooled_sd']:.1f}): beats it by more than 2 pooled sd: **{verdict}**{tie}")
+                     f"({two_sd(v)}): beats it by more than 2 pooled sd: **{verdict}**{tie}")
     if pairs:
         lines += ["", "Between entries (final steps, the same NFE):", ""]
     for c in pairs:
         verdict = VERDICT[c["beats_by_2_pooled_sd"]]
         lines.append(f"- {c['better']} vs {c['than']} at {c['nfe']} NFE: FD lower by {c['fd_difference']:.1f} "
-                     f"(2 pooled sd {2 * c['pooled_sd']:.1f}): lower by more than 2 pooled sd: **{verdict}**")
+                     f"({two_sd(c)}): lower by more than 2 pooled sd: **{verdict}**")
     if curves:
         lines += ["", f"The curve target: FD at step {plan.mid} and at step {plan.budget} (runs from scratch); a rise "
                   "beyond the seeds' sd at the last step fails it.", "",
@@ -472,7 +479,7 @@ def report(plan: Plan, a, results: Path) -> Path:
             adam = "-" if r["adam_step_rms_max"] is None else f"{r['adam_step_rms_max']:.2f}"
             lines.append(f"| {r['entry']} | {r['n_scales']} | {r['grad_norm_median']:.3g} | {adam} | {r['seeds']} |")
     figures(plan, a, rows, results, stem)
-    lines += ["", f"![samples]({stem}-samples.png)", "",
+    lines += ["", f"![samples]({stem}-samples.jpg)", "",
               f"The same 32 seeds through each entry's final snapshot (seed {plan.seeds[0]}, ramp-up EMA).", "",
               f"![curves]({stem}-curves.png)", "",
               "FD against the step, teacher steps included (mean +- sd over seeds; 1 NFE, ldm at 35)."]

@@ -387,6 +387,8 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     ties = board.verdicts([dict(entry="ldm", nfe=35, final=True, fd=100.0, fd_sd=4.0, seeds=[0, 1, 2]),
                            dict(entry="ilct", nfe=1, final=True, fd=104.0, fd_sd=4.0, seeds=[0, 1, 2])])
     assert (ties[0]["beats_ldm_by_2_pooled_sd"], ties[0]["worse_than_ldm_by_2_pooled_sd"]) == (False, False)
+    assert board.two_sd(ties[0]) == "2 pooled sd 8.0" and board.two_sd(dict(seeds=1, pooled_sd=0.0)) == \
+        "one seed: no sd"  # a one-seed row has no spread to quote
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
     assert "| slct | 1 | 151.0 +- 1.0 |" in md
     assert "| soflow | 1 | 90.0 +- 0.0 |" in md and "| soflow | 4 | 96.0 +- 1.0 |" in md  # the extra NFE's file
