@@ -268,7 +268,9 @@ def test_ctrl_c_lets_a_training_run_write_its_checkpoint(tmp_path):
              "signal.signal(signal.SIGINT, stop)\n"
              f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('')\n"
              "time.sleep(60)\n")
-    parent = (f"import importlib.util, sys\n"
+    # a Python started from a background job inherits SIGINT ignored (no KeyboardInterrupt): restore a terminal's
+    parent = (f"import importlib.util, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               f"spec = importlib.util.spec_from_file_location('a', {str(BENCHMARKS / 'ablation.py')!r})\n"
               "a = importlib.util.module_from_spec(spec); spec.loader.exec_module(a)\n"
               f"a.sh([sys.executable, '-c', {child!r}])\n")
