@@ -212,7 +212,7 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
             for step in middles:
                 group.append(Task(f"{name} seed {seed}: eval at step {step}", eval_file(run, step, a.n_eval, False),
                                   eval_command(run, step, ref, a.n_eval, final=False), (final,)))
-    if getattr(a, "seed_first", False):
+    if a.seed_first:
         groups.sort(key=lambda g: plan.seeds.index(g[0]))  # stable: entries keep their order within a seed
     return [task for _, group in groups for task in group]
 
