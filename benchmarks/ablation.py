@@ -308,8 +308,11 @@ def figure_curves(curves: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    colors = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in curves}))}
+    methods = sorted({r["method"] for r in curves})
+    # the default cycle has 10 colours: a board with more entries would draw two methods alike
+    palette = [f"C{i}" for i in range(10)] if len(methods) <= 10 else list(plt.get_cmap("tab20").colors)
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+    fig, ax = plt.subplots(figsize=(6, 3.8) if len(methods) <= 6 else (9, 4.8))
     for (method, nfe) in sorted({(r["method"], r["nfe"]) for r in curves}):
         if nfe == 2 and method != "ldm":
             continue
@@ -326,7 +329,10 @@ def figure_curves(curves: list[dict], out: Path) -> None:
     ax.set_ylabel("FD-MobileNetV2 (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(methods) <= 6:
+        ax.legend(fontsize=8)
+    else:  # beside the axes: inside, a long legend hides the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
     plt.close(fig)

@@ -143,6 +143,26 @@ def test_a_report_reads_runs_whose_folders_are_gone_from_the_archive(ablation, t
     assert ablation.archived(_args(steps=200, archive=[str(archive)]), "ilct", 0) == ([], [])
 
 
+def test_curves_figure_gives_every_method_its_own_colour(ablation, tmp_path, monkeypatch):
+    # the leaderboard draws more than the default cycle's 10 colours
+    import matplotlib.axes
+    import matplotlib.colors
+
+    drawn = {}
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, *args, **kw):
+        drawn[kw["label"].split(" ")[0]] = matplotlib.colors.to_rgba(kw["color"])  # "C10" is "C0"
+        return real(self, x, y, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    curves = [dict(method=f"m{i:02d}", nfe=1, n=50, step=step, fd=100.0 + i + step / 100)
+              for i in range(14) for step in (500, 1000)]
+    ablation.figure_curves(curves, tmp_path / "curves.png")
+    assert len(drawn) == 14 and len(set(drawn.values())) == 14
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_no_verdict_from_fewer_than_three_seeds(ablation):
     """Two seeds a side give the difference and the pooled sd but no yes/no: one or two seeds are an anecdote."""
     def entry(method, fds):
