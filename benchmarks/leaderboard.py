@@ -316,7 +316,11 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
          ("slct", "slct-n641-stage-robust"), ("slct", "ilct"), ("meanflow-boundary", "meanflow"),
          # the ladder, rung by rung (a negative difference: the rung costs FD)
          ("ladder-cauchy", "ilct"), ("ladder-diff", "ladder-cauchy"), ("ladder-ot", "ladder-diff"),
-         ("ladder-adaptive-c", "ladder-ot"), ("slct", "ladder-adaptive-c")]
+         ("ladder-adaptive-c", "ladder-ot"), ("slct", "ladder-adaptive-c"),
+         # every loss-side part of sLCT at once, without NsLN
+         ("ladder-adaptive-c", "ilct"),
+         # the objectives beyond the paper, from scratch on the same network and latents
+         ("soflow", "meanflow"), ("soflow", "shortcut"), ("meanflow", "shortcut"), ("meanflow", "slct")]
 
 
 VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}
