@@ -18,6 +18,8 @@ Entries (``ENTRIES``; K = --budget steps in all, T = --teacher-steps of them spe
   the report's comparisons: which part costs or gains FD at this budget;
 - ``soflow`` is also scored at 4 and 8 NFE (``Entry.more_nfe``): whether its few-step FD comes from the flow
   objective or from the few-step sampler;
+- ``norm-layer``: sLCT with a LayerNorm that learns its scale (the paper's Table 2d row): between ``ladder-adaptive-c``
+  (GroupNorm) and ``slct`` (the scale fixed at 1), which half of the norm rung costs FD;
 - ``meanflow-boundary``: MeanFlow with 10% of its rows at r = 0, t = 1 (``objective.meanflow_boundary_fraction``);
 - ``ilct-tuned``: the ``ldm`` run's step-T snapshot as teacher, then iLCT (the same GroupNorm network) for K - T steps from
   its weights (``slct train --init``, consistency tuning); ``slct-tuned``: the same with sLCT's objective (Cauchy
@@ -107,6 +109,8 @@ ENTRIES: dict[str, Entry] = {
     **{name: Entry(name) for name in ("ladder-cauchy", "ladder-diff", "ladder-ot", "ladder-adaptive-c")},
     "meanflow": Entry("meanflow"),
     "shortcut": Entry("shortcut"),
+    # slct with LayerNorm that learns its scale: does NsLN's cost (target 2) come from LayerNorm or its fixed scale?
+    "norm-layer": Entry("norm-layer"),
     # MeanFlow with 10% of its rows at the widest interval (r = 0, t = 1): the 1-step sampler's own case
     "meanflow-boundary": Entry("meanflow", ("objective.meanflow_boundary_fraction=0.1",)),
 }
@@ -319,6 +323,8 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
          ("ladder-adaptive-c", "ladder-ot"), ("slct", "ladder-adaptive-c"),
          # every loss-side part of sLCT at once, without NsLN
          ("ladder-adaptive-c", "ilct"),
+         # the norm rung split in two: GroupNorm -> LayerNorm over (C, H, W) -> its scale fixed at 1 (NsLN)
+         ("norm-layer", "ladder-adaptive-c"), ("slct", "norm-layer"),
          # the objectives beyond the paper, from scratch on the same network and latents
          ("soflow", "meanflow"), ("soflow", "shortcut"), ("meanflow", "shortcut"), ("meanflow", "slct")]
 
