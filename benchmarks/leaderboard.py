@@ -321,8 +321,8 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
          # the ladder, rung by rung (a negative difference: the rung costs FD)
          ("ladder-cauchy", "ilct"), ("ladder-diff", "ladder-cauchy"), ("ladder-ot", "ladder-diff"),
          ("ladder-adaptive-c", "ladder-ot"), ("slct", "ladder-adaptive-c"),
-         # every loss-side part of sLCT at once, without NsLN
-         ("ladder-adaptive-c", "ilct"),
+         # every loss-side part of sLCT at once, without NsLN; and those after the Cauchy loss
+         ("ladder-adaptive-c", "ilct"), ("ladder-adaptive-c", "ladder-cauchy"),
          # the norm rung split in two: GroupNorm -> LayerNorm over (C, H, W) -> its scale fixed at 1 (NsLN)
          ("norm-layer", "ladder-adaptive-c"), ("slct", "norm-layer"),
          # the objectives beyond the paper, from scratch on the same network and latents
