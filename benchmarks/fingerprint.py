@@ -14,8 +14,8 @@ benchmarks/results/fingerprints.json holds the runs of the code before the split
 slct.objectives into packages (commit 0c3a78f); tests/test_fingerprints.py checks that they still come out bitwise
 equal. A change that alters training on purpose records the file anew (--out) and says so in its commit.
 
-Bitwise equality only holds on the same torch build and CPU instruction set (kernels differ between AVX2 and
-AVX-512); the file records both, and ``--check`` on another machine compares the weight sums to 1e-4 instead.
+Bitwise equality only holds on the same torch build and CPU (kernels differ between AVX2 and AVX-512, and between
+CPU models with the same instruction set); the file records all three, and ``--check`` on another machine compares the weight sums to 1e-4 instead.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -52,7 +53,11 @@ STATE = ("step", "nimg", "lr_scale", "bad_steps", "rollbacks", "c_table")  # wha
 
 
 def _environment() -> dict:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    # the CPU model too: two AVX-512 CPUs (an AMD EPYC and an Intel Xeon) gave different bits with the same build
+    from common import cpu_model
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": cpu_model()}
 
 
 def _hash_tensors(h, tree, prefix: str = "") -> None:

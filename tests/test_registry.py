@@ -24,7 +24,7 @@ def test_the_config_is_the_shared_fields_then_each_objectives_own():
     groups = [SharedFields] + [spec.fields for spec in REGISTRY.values() if spec.fields]
     assert names == [f.name for g in groups for f in dataclasses.fields(g)]
     assert len(names) == len(set(names))
-    assert set(OBJECTIVES) == {"consistency", "distillation", "edm", "meanflow", "shortcut", "soflow"}
+    assert set(OBJECTIVES) == {"consistency", "distillation", "edm", "fm", "meanflow", "shortcut", "soflow"}
     # the old flat spellings still resolve (presets, saved configs, --set objective.meanflow_p=...)
     assert ObjectiveConfig(meanflow_p=0.5, s1=80).validate().meanflow_p == 0.5
 

@@ -24,7 +24,10 @@ import re
 
 import yaml
 
-from slct.objectives import ObjectiveConfig
+from slct.objectives import OBJECTIVES, ObjectiveConfig
+from slct.optimizers import OPTIMIZERS
+
+FLOW_SOLVERS = ("map", "euler", "heun")  # sampling.flow_solver (slct.sampling.flow_ode_sample)
 
 
 class _Loader(yaml.SafeLoader):
@@ -66,11 +69,15 @@ class NetworkConfig:
 @dataclass
 class OptimConfig:
     # REFERENCE [8]: RAdam, lr 1e-4, weight decay 1e-4, no schedule, no clipping
+    optimizer: str = "radam"  # radam (authors) | adam (EDM's recipe); slct.optimizers.OPTIMIZERS
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warm-up (not in the authors' code: 0 keeps it off)
+    # the same warm-up as a fraction of train.total_steps, so it fits any run length (EDM: 10 of 200 Mimg = 0.05);
+    # the longer of the two applies
+    warmup_fraction: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off (authors)
     accumulate: int = 1  # gradient-accumulation rounds per step (same global batch, less memory)
     # Beyond the authors' coupled decay on every tensor: RAdam's coupled decay adds weight_decay x w to the gradient,
@@ -120,7 +127,10 @@ class TrainConfig:
 class SamplingConfig:
     sigma_mid: float = 0.36931547703985584  # REFERENCE [9]: index 440 of the 641-point grid from sigma_max (LSUN: 0.5285640)
     ldm_solver: str = "heun"  # the ldm baseline's EDM sampler: heun | euler
-    ldm_steps: int = 18  # EDM grid points; Heun uses 2 * steps - 1 network evaluations
+    ldm_steps: int = 18  # EDM grid points; Heun uses 2 * steps - 1 network evaluations (fm: its default NFE too)
+    # flow objectives: "map" = k jumps of the learnt flow map u(x, t, h = 1/k) (MeanFlow, Shortcut, SoFlow);
+    # "euler" | "heun" = the ODE dx/dt = u(x, t, 0) of the instantaneous velocity at any NFE (fm: only these)
+    flow_solver: str = "map"
 
 
 @dataclass
@@ -162,6 +172,10 @@ class Config:
         _check_choice("train.ot_scope", self.train.ot_scope, ("local", "global"))
         _check_choice("data.normalization", self.data.normalization, ("per-element", "per-channel", "scale", "none"))
         _check_choice("sampling.ldm_solver", self.sampling.ldm_solver, ("heun", "euler"))
+        _check_choice("sampling.flow_solver", self.sampling.flow_solver, FLOW_SOLVERS)
+        if self.sampling.flow_solver == "map" and not OBJECTIVES[self.objective.kind].flow_map:
+            raise ValueError(f"objective {self.objective.kind!r} learns an instantaneous velocity, not a flow map: "
+                             "sampling.flow_solver must be euler or heun")
         positive = {
             "train.total_steps": self.train.total_steps, "train.batch_size": self.train.batch_size,
             "optim.accumulate": self.optim.accumulate, "logging.log_every_steps": self.logging.log_every_steps,
@@ -221,6 +235,9 @@ class Config:
             raise ValueError(f"optim.eps must be a finite number > 0, got {o.eps}")
         if len(o.betas) != 2 or not all(finite(b) and 0 <= b < 1 for b in o.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        _check_choice("optim.optimizer", o.optimizer, tuple(OPTIMIZERS))
+        if not (finite(o.warmup_fraction) and 0 <= o.warmup_fraction <= 1):
+            raise ValueError(f"optim.warmup_fraction must be in [0, 1] (EDM: 0.05), got {o.warmup_fraction}")
         if o.warmup_steps < 0 or o.stage_warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps and optim.stage_warmup_steps must be >= 0, got {o.warmup_steps} "
                              f"and {o.stage_warmup_steps}")

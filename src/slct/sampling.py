@@ -24,8 +24,10 @@ import torch
 
 from slct import __version__, checkpoint
 from slct.checkpoint import SNAPSHOT_FORMAT
+from slct.config import FLOW_SOLVERS
 from slct.data.labels import resolve_class
 from slct.nn.layers import label_features
+from slct.objectives import OBJECTIVES
 from slct.precond import parameterisation
 from slct.sigmas import karras_sigmas
 
@@ -200,6 +202,53 @@ def flow_sample(model, noise: torch.Tensor, nfe: int, class_labels=None) -> torc
     return x
 
 
+@torch.no_grad()
+def flow_ode_sample(model, noise: torch.Tensor, nfe: int, solver: str = "heun", class_labels=None) -> torch.Tensor:
+    """Integrate the instantaneous velocity, dx/dt = u(x, t, 0), from noise (t = 1) to data (t = 0) on a uniform
+    grid with exactly ``nfe`` network evaluations: Euler takes ``nfe`` steps; Heun (Karras et al. 2022, Alg. 1 on
+    the flow path) takes ceil(nfe / 2) steps, each with its second-order correction except the last one when
+    ``nfe`` is odd (2 x steps - 1 evaluations, as EDM's). Any flow objective's network can be sampled so (its h = 0
+    output is the flow-matching velocity), not only ``fm``'s."""
+    if solver not in ("euler", "heun"):
+        raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    steps = nfe if solver == "euler" else (nfe + 1) // 2
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    x, b = noise.double(), noise.shape[0]
+    zero = torch.zeros(b, device=noise.device, dtype=noise.dtype)
+
+    def velocity(x, t):
+        return model(x.to(noise.dtype), torch.full((b,), t, device=x.device, dtype=noise.dtype), class_labels,
+                     zero).double()
+
+    for k, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        d = velocity(x, t_cur)
+        x_next = x + (t_next - t_cur) * d
+        last_euler = solver == "heun" and k == steps - 1 and nfe % 2 == 1
+        if solver == "heun" and not last_euler:
+            x_next = x + (t_next - t_cur) * 0.5 * (d + velocity(x_next, t_next))
+        x = x_next
+    return x.to(noise.dtype)
+
+
+def set_solver(sampling_cfg, objective_kind: str, solver: str) -> None:
+    """``slct sample/eval --solver``: euler | heun for the ldm baseline's EDM sampler (``ldm_solver``) and for a flow
+    objective's velocity ODE, map for a flow-map objective's own k-step sampler (``flow_solver``); a consistency
+    model has one sampler. Sets the field on ``sampling_cfg`` (a snapshot's private copy)."""
+    wrapper = parameterisation(objective_kind)
+    if wrapper == "edm" and solver in ("euler", "heun"):
+        sampling_cfg.ldm_solver = solver
+    elif wrapper == "flow" and solver in FLOW_SOLVERS:
+        sampling_cfg.flow_solver = solver
+    else:
+        allowed = {"edm": "euler, heun", "flow": ", ".join(FLOW_SOLVERS)}.get(wrapper, "none (leave --solver out)")
+        raise ValueError(f"--solver {solver}: a {objective_kind} model's solvers are {allowed}")
+    if wrapper == "flow" and solver == "map" and not OBJECTIVES[objective_kind].flow_map:
+        raise ValueError(f"--solver map: a {objective_kind} model learns an instantaneous velocity, not a flow map; "
+                         "use --solver euler or heun")
+
+
 def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, objective_cfg, sampling_cfg,
                    class_labels=None, device=None, guidance: float = 1.0) -> torch.Tensor:
     """Normalised latents for ``seeds`` with ``nfe`` steps of the sampler that fits the objective's kind.
@@ -214,8 +263,14 @@ def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, object
     wrapper = parameterisation(objective_cfg.kind)  # the sampler follows the parameterisation
     if wrapper == "flow":
         (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
-        return flow_sample(model, z, nfe, class_labels)
+        if sampling_cfg.flow_solver == "map":
+            return flow_sample(model, z, nfe, class_labels)
+        return flow_ode_sample(model, z, nfe, sampling_cfg.flow_solver, class_labels)
     if wrapper == "edm":
+        if sampling_cfg.ldm_solver == "heun" and nfe < 3 or nfe < 2:
+            raise ValueError(f"{nfe} NFE: the ldm baseline's {sampling_cfg.ldm_solver} sampler needs at least "
+                             f"{3 if sampling_cfg.ldm_solver == 'heun' else 2} (Heun uses 2 x steps - 1 network "
+                             "evaluations, steps >= 2; Euler uses one per step)")
         (z,) = noise_for_seeds(seeds, latent_shape, 1, device)
         steps = nfe if sampling_cfg.ldm_solver == "euler" else (nfe + 1) // 2
         return edm_sample(model, z, steps, objective_cfg.sigma_min, objective_cfg.sigma_max, objective_cfg.rho,

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations to evaluate; None: the run's (1 2 for consistency models)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch or process count")
+    p.add_argument("--solver", choices=("map", "euler", "heun"), default=None,
+                   help="the sampler: euler | heun for ldm and for any flow model's velocity ODE (any NFE), map for "
+                   "a flow-map model's own k-step jumps (MeanFlow, Shortcut, SoFlow); default: the run's")
     p.add_argument("--ema", default=None, help="which weights of the snapshot: an EMA name (rampup, std=0.05), a "
                    "decay (0.9999) or 'online'; None: the run's default (train.ema_default)")
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
@@ -258,6 +261,8 @@ def run_eval(args) -> int:
         labels = _labels_for_references(args.labels, refs, args.ref, snap.num_classes)
         snap.labels([args.seed], labels)  # unknown labels or an unconditional model fail before any work
         snap.check_guidance(args.guidance)
+        if args.solver is not None:
+            sampling.set_solver(snap.config.sampling, snap.config.objective.kind, args.solver)
         nfes = args.nfe
         if nfes is None and hasattr(sampling, "default_nfe") and hasattr(snap, "config"):
             nfes = sampling.default_nfe(snap.config.objective, snap.config.sampling)

@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations: 1, 2 or k for consistency models (default 1 2); the solver's NFE for ldm")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever --batch or the process count")
+    p.add_argument("--solver", choices=("map", "euler", "heun"), default=None,
+                   help="the sampler: euler | heun for ldm and for any flow model's velocity ODE (any NFE), map for "
+                   "a flow-map model's own k-step jumps (MeanFlow, Shortcut, SoFlow); default: the run's")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sigma-mid", type=float, default=None, help="2-step intermediate sigma (default: the run's)")
     p.add_argument("--ema", default=None, help="which weights: an EMA name (rampup, std=0.05), a decay (0.9999) or "
@@ -69,8 +72,10 @@ def run(args) -> int:
     if args.sigma_mid is not None:
         check_sigma_mid(args.sigma_mid, snap.config.objective)
         snap.config.sampling.sigma_mid = args.sigma_mid  # this process's private copy of the snapshot's config
-    from slct.sampling import default_nfe
+    from slct.sampling import default_nfe, set_solver
 
+    if args.solver is not None:
+        set_solver(snap.config.sampling, snap.config.objective.kind, args.solver)
     nfes = args.nfe or default_nfe(snap.config.objective, snap.config.sampling)
     snap.labels([args.seed], args.labels)  # a wrong label or an unconditional model fails before any work
     snap.check_guidance(args.guidance)

@@ -228,6 +228,7 @@ class Objective:
     kind: str  # set by register_objective
     precond_kind: str  # Precond kind the network is trained through
     sync_gradients_manually = False  # True: the loop all-reduces gradients itself (forward-mode AD bypasses DDP)
+    flow_map = True  # flow objectives: the network's u(x, t, h) is meaningful for h > 0 (False: flow matching)
 
     def __init__(self, cfg, total_steps: int):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:

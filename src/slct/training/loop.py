@@ -117,7 +117,8 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
             while state.step < stop_step:
                 batch = next(pipeline)
                 c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger)
-                lr = learning_rate(cfg.optim, state.step, state.lr_scale, stage_start(cfg, state.step))
+                lr = learning_rate(cfg.optim, state.step, state.lr_scale, stage_start(cfg, state.step),
+                                   cfg.train.total_steps)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 if objective.target_weights == "ema":  # the EMA as it stands after the last step

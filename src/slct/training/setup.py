@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from slct.config import Config
+from slct.optimizers import OPTIMIZERS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,7 +51,7 @@ def norm_and_bias_parameters(model: torch.nn.Module) -> set[int]:
 
 
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """RAdam (REFERENCE [8]) with the weight-decay options: coupled (authors) or decoupled, on every tensor
+    """``optim.optimizer`` (RAdam, REFERENCE [8], or Adam) with the weight-decay options: coupled (authors) or decoupled, on every tensor
     (authors) or on the weights only (``decay_norms_and_biases=False``: none on normalisation layers' parameters,
     chosen by module type, and on biases)."""
     exempt = set() if optim_cfg.decay_norms_and_biases else norm_and_bias_parameters(model)
@@ -61,15 +62,22 @@ def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.RAdam(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+    return OPTIMIZERS[optim_cfg.optimizer](groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                              decoupled_weight_decay=optim_cfg.decoupled_weight_decay)
 
 
-def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0, stage_start: int = 0) -> float:
-    """The learning rate of ``step``: ``optim.lr`` x the rollback factor x the linear warm-up, and with
+def warmup_steps(optim_cfg, total_steps: int) -> int:
+    """The run's linear LR warm-up in steps: the longer of ``optim.warmup_steps`` and ``optim.warmup_fraction`` of
+    the run (EDM ramps up over 10 of its 200 Mimg: a fraction fits any run length)."""
+    return max(optim_cfg.warmup_steps, round(optim_cfg.warmup_fraction * total_steps))
+
+
+def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0, stage_start: int = 0, total_steps: int = 0) -> float:
+    """The learning rate of ``step``: ``optim.lr`` x the rollback factor x the linear warm-up (``warmup_steps``
+    of a ``total_steps`` run), and with
     ``optim.stage_warmup_steps`` a linear warm-up again from each curriculum stage start (``stage_start``: the first
     step of the stage ``step`` is in; a stage start at 0 is the run's own warm-up). A pure function."""
-    lr = optim_cfg.lr * lr_scale * min(1.0, (step + 1) / max(optim_cfg.warmup_steps, 1))
+    lr = optim_cfg.lr * lr_scale * min(1.0, (step + 1) / max(warmup_steps(optim_cfg, total_steps), 1))
     if optim_cfg.stage_warmup_steps and stage_start > 0:
         lr *= min(1.0, (step - stage_start + 1) / optim_cfg.stage_warmup_steps)
     return lr

@@ -1,0 +1,184 @@
+"""The baselines' tuning sweep at the leaderboard's budget (UTKFace 64 px, TAEF2, `unet-small`, 2,000 steps):
+learning rate x beta2 x dropout for each many-step baseline, on one seed, so that the leaderboard's bar is the
+baseline at its best and not at settings chosen for the consistency models.
+
+    python benchmarks/sweep.py --print                   # the slct commands, done ones marked
+    python benchmarks/sweep.py                           # train and score every point; re-run to continue
+    python benchmarks/sweep.py --stage report            # the table from what has been scored
+
+Baselines (``BASELINES``): ``ldm-edm`` (the EDM diffusion baseline with EDM's own recipe: Adam, a 5% learning-rate
+ramp-up, no weight decay; scored with its Heun sampler at 35 NFE) and ``fm`` (conditional flow matching, scored with
+Heun at 35 NFE as well). Grid (``GRID``): lr {5e-4, 1e-3, 2e-3} x beta2 {0.99, 0.999} x dropout {0, 0.1}, 12 points a
+baseline, run in ``order()``: the preset's own point first, then its one-factor neighbours, then the rest, so a sweep
+stopped early has the most informative points. Every point is one `slct train` + one `slct eval` (MobileNetV2 FD on
+--n-eval samples against the held-out faces, the ramp-up EMA), the same harness as benchmarks/leaderboard.py (whose
+data, reference and task runner it uses), so its runs' FD are the leaderboard's.
+
+The best point of each baseline (lowest FD) is then confirmed on 3 seeds as a leaderboard entry (``ldm-tuned``,
+``fm-tuned`` in benchmarks/leaderboard.py); the report says which point won and by how much over the next.
+Results: results/sweep-utkface64-KSTEPS.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import load_sibling, machine  # noqa: E402
+
+ablation = load_sibling("ablation")
+leaderboard = load_sibling("leaderboard")
+
+BASELINES = {"ldm-edm": dict(preset="ldm-edm", nfe=35), "fm": dict(preset="fm", nfe=35)}
+GRID = {"lr": [1e-3, 5e-4, 2e-3], "beta2": [0.999, 0.99], "dropout": [0.1, 0.0]}  # the first of each: the centre
+
+
+@dataclass(frozen=True)
+class Point:
+    baseline: str
+    lr: float
+    beta2: float
+    dropout: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.baseline}-lr{self.lr:g}-b{self.beta2:g}-do{self.dropout:g}"
+
+    def sets(self) -> list[str]:
+        return [f"optim.lr={self.lr!r}", f"optim.betas=[0.9, {self.beta2!r}]", f"network.dropout={self.dropout!r}"]
+
+
+def order(baseline: str) -> list[Point]:
+    """The grid's points, the centre first, then those differing from it in one factor, then two, then three."""
+    centre = {k: v[0] for k, v in GRID.items()}
+    points = [Point(baseline, *combo) for combo in itertools.product(*GRID.values())]
+    distance = lambda p: sum(getattr(p, k) != centre[k] for k in GRID)  # noqa: E731
+    return sorted(points, key=distance)  # stable: itertools' order within a distance
+
+
+def run_dir(work: Path, budget: int, point: Point, seed: int) -> Path:
+    return work / f"sweep-{budget}steps" / f"{point.name}-seed{seed}"
+
+
+def tasks(a, data: Path, ref: Path) -> list:
+    out = []
+    points = [order(b) for b in a.baselines]
+    for group in itertools.zip_longest(*points):  # the baselines' points interleaved: both sweeps advance
+        for point in filter(None, group):
+            run = run_dir(a.work, a.budget, point, a.seed)
+            final = run / f"snapshot-{a.budget:08d}.pt"
+            cmd = ["train", "--preset", BASELINES[point.baseline]["preset"], "--data-preset", "utkface64",
+                   "--data", str(data), "--out", str(run), "--steps", str(a.budget), "--seed", str(a.seed),
+                   "--no-progress", "--set", "train.ema_power_every_steps=0"]
+            for s in point.sets():
+                cmd += ["--set", s]
+            nfe = (BASELINES[point.baseline]["nfe"],)
+            out.append(leaderboard.Task(f"{point.name} seed {a.seed}", final, cmd))
+            out.append(leaderboard.Task(f"{point.name} seed {a.seed}: eval",
+                                        leaderboard.eval_file(run, a.budget, a.n_eval, True, nfe),
+                                        leaderboard.eval_command(run, a.budget, ref, a.n_eval, nfe=nfe), (final,)))
+    return out
+
+
+def collect(a) -> list[dict]:
+    rows = []
+    for baseline in a.baselines:
+        nfe = BASELINES[baseline]["nfe"]
+        for point in order(baseline):
+            run = run_dir(a.work, a.budget, point, a.seed)
+            path = leaderboard.eval_file(run, a.budget, a.n_eval, True, (nfe,))
+            if not path.exists():
+                continue
+            result = next(r for r in json.loads(path.read_text())["results"] if r["nfe"] == nfe)
+            rows.append(dict(baseline=baseline, lr=point.lr, beta2=point.beta2, dropout=point.dropout, nfe=nfe,
+                             seed=a.seed, fd=result["fd"], precision=result.get("precision"),
+                             recall=result.get("recall"), sec_per_step=leaderboard.seconds_per_step(run)))
+    return rows
+
+
+def best(rows: list[dict], baseline: str) -> dict | None:
+    mine = sorted((r for r in rows if r["baseline"] == baseline), key=lambda r: r["fd"])
+    return mine[0] if mine else None
+
+
+def report(a, results: Path) -> Path:
+    rows = collect(a)
+    stem = f"sweep-utkface64-{a.budget}steps"
+    data = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=machine(), budget=a.budget, seed=a.seed, n_eval=a.n_eval, grid=GRID,
+                command="python benchmarks/sweep.py", rows=rows,
+                best={b: best(rows, b) for b in a.baselines})
+    (results / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    m = data["machine"]
+    lines = [f"# Baselines' tuning sweep: UTKFace 64 px, TAEF2, unet-small, {a.budget} steps, seed {a.seed}", "",
+             f"- Command: `python benchmarks/sweep.py` (report: `--stage report`); {data['date']}",
+             f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, torch {m['torch']}; two runs side by side",
+             f"- FD-MobileNetV2 on {a.n_eval} samples against the 5,000 held-out faces, ramp-up EMA, the baselines' "
+             "35-NFE Heun samplers; one seed (the best point is confirmed on 3 seeds in the leaderboard)",
+             f"- Grid: lr {GRID['lr']} x beta2 {GRID['beta2']} x dropout {GRID['dropout']}; "
+             f"{len(rows)} of {sum(len(order(b)) for b in a.baselines)} points scored", ""]
+    for baseline in a.baselines:
+        mine = sorted((r for r in rows if r["baseline"] == baseline), key=lambda r: r["fd"])
+        lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`)", "",
+                  "| lr | beta2 | dropout | FD | precision | recall | s/step |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in mine:
+            sps = f"{r['sec_per_step']:.2f}" if r["sec_per_step"] else "-"
+            lines.append(f"| {r['lr']:g} | {r['beta2']:g} | {r['dropout']:g} | {r['fd']:.1f} | "
+                         f"{r['precision']:.3f} | {r['recall']:.3f} | {sps} |")
+        if len(mine) >= 2:
+            lines += ["", f"Best: lr {mine[0]['lr']:g}, beta2 {mine[0]['beta2']:g}, dropout {mine[0]['dropout']:g} "
+                      f"(FD {mine[0]['fd']:.1f}; the next point {mine[1]['fd'] - mine[0]['fd']:.1f} higher; one seed)."]
+        lines.append("")
+    out = results / f"{stem}.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("/tmp/slct-leaderboard"),
+                   help="latents, reference and runs (the leaderboard's: the same data and reference)")
+    p.add_argument("--zip", default=str(HERE.parent.parent / "shared" / "data" / "utkface-200px.zip"))
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--holdout", type=int, default=5000)
+    p.add_argument("--budget", type=int, default=2000, help="training steps per point (the leaderboard's)")
+    p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-eval", type=int, default=1000)
+    p.add_argument("--jobs", type=int, default=2, help="commands side by side")
+    p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")
+    p.add_argument("--stage", nargs="+", default=["data", "train", "report"], choices=["data", "train", "report"])
+    p.add_argument("--print", action="store_true", help="list the commands (done ones marked) and exit")
+    return p
+
+
+def main(argv=None) -> None:
+    a = parser().parse_args(argv)
+    import os
+
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
+    data = a.work / f"utk{a.resolution}-train"
+    ref = a.work / f"ref-utk{a.resolution}-holdout{a.holdout}-mobilenetv2.npz"
+    if a.print:
+        for t in tasks(a, data, ref):
+            print(("[done] " if t.done.exists() else "") + "slct " + " ".join(t.args))
+        return
+    if "data" in a.stage:
+        ablation.stage_data(a, a.work)
+        ablation.stage_ref(a, a.work)
+    failed = leaderboard.run_tasks(tasks(a, data, ref), a.jobs, threads) if "train" in a.stage else 0
+    if "report" in a.stage:
+        print(f"report: {report(a, ablation.RESULTS)}")
+    if failed:
+        sys.exit(f"{failed} task(s) failed or could not start (see their logs)")
+
+
+if __name__ == "__main__":
+    main()
