@@ -80,6 +80,7 @@ class Entry:
     init: bool = False  # start from the teacher's weights (slct train --init)
     distil: bool = False  # distil from the teacher (--teacher)
     more_nfe: tuple = ()  # the final snapshot also at these NFE (beyond the run's own 1 and 2)
+    ode_nfe: tuple = ()  # ... and with the Heun ODE solver of its instantaneous velocity (rows "NAME@heun")
 
     @property
     def source(self) -> bool:
@@ -92,7 +93,7 @@ class Entry:
 
 # in the order they run: the bar, the likeliest winners (from the bar's own weights), the paper's pair, the rest
 ENTRIES: dict[str, Entry] = {
-    "ldm": Entry("ldm"),
+    "ldm": Entry("ldm", more_nfe=(3, 5, 9, 17)),  # the bar, also along its NFE curve (35 NFE: the run's default)
     "ilct-tuned": Entry("ilct", (*GROUP_NORMS, *NO_REMEDIES), init=True),
     "ilcd": Entry("ilcd", NO_REMEDIES, distil=True),  # the student from scratch
     "slct-tuned": Entry("slct", (*GROUP_NORMS, *NO_REMEDIES), init=True),  # the paper's technique, tuning from ldm
@@ -102,7 +103,7 @@ ENTRIES: dict[str, Entry] = {
     "slct-no-remedies": Entry("slct", NO_REMEDIES),  # the preset's curriculum (N up to 81) without the remedies
     "slct": Entry("slct"),  # the preset: N up to 81 and the remedies
     # also at 4 and 8 NFE: whether its few-step FD is the flow objective's or the few-step sampler's
-    "soflow": Entry("soflow", more_nfe=(4, 8)),
+    "soflow": Entry("soflow", more_nfe=(4, 8), ode_nfe=(2, 4, 8, 17, 35)),
     "ilct": Entry("ilct"),
     # Table 2a's ladder from ilct to slct with the preset (N up to 81, the remedies): which of sLCT's parts costs FD
     # at this budget (target 2; ladder-adaptive-c is slct with iLCT's GroupNorm)
@@ -113,6 +114,10 @@ ENTRIES: dict[str, Entry] = {
     "norm-layer": Entry("norm-layer"),
     # MeanFlow with 10% of its rows at the widest interval (r = 0, t = 1): the 1-step sampler's own case
     "meanflow-boundary": Entry("meanflow", ("objective.meanflow_boundary_fraction=0.1",)),
+    # the many-step baselines at their best (issue: baselines at their best): EDM's own recipe and flow matching,
+    # each at its preset (the sweep's centre point: benchmarks/sweep.py) and scored along an NFE curve
+    "ldm-edm": Entry("ldm-edm", more_nfe=(3, 5, 9, 17)),
+    "fm": Entry("fm", more_nfe=(3, 5, 9, 17)),
 }
 
 
@@ -173,15 +178,16 @@ def train_command(plan: Plan, name: str, seed: int, data: Path) -> list[str]:
     return cmd
 
 
-def eval_file(run: Path, step: int, n: int, final: bool, nfe: tuple = ()) -> Path:
-    more = "".join(f"-nfe{k}" for k in nfe)  # an evaluation at NFE beyond the run's own
+def eval_file(run: Path, step: int, n: int, final: bool, nfe: tuple = (), solver: str | None = None) -> Path:
+    more = "".join(f"-nfe{k}" for k in nfe) + (f"-{solver}" if solver else "")  # beyond the run's own NFE, sampler
     return run / (f"eval-final-n{n}{more}.json" if final else f"eval-step{step:08d}-n{n}{more}.json")
 
 
-def eval_command(run: Path, step: int, ref: Path, n: int, final: bool = True, nfe: tuple = ()) -> list[str]:
+def eval_command(run: Path, step: int, ref: Path, n: int, final: bool = True, nfe: tuple = (),
+                 solver: str | None = None) -> list[str]:
     return ["eval", "--snapshot", str(run / f"snapshot-{step:08d}.pt"), "--ref", str(ref), "--n", str(n),
-            "--out", str(eval_file(run, step, n, final, nfe)), "--no-progress", "--ema", "rampup",
-            *(["--nfe", *map(str, nfe)] if nfe else [])]
+            "--out", str(eval_file(run, step, n, final, nfe, solver)), "--no-progress", "--ema", "rampup",
+            *(["--nfe", *map(str, nfe)] if nfe else []), *(["--solver", solver] if solver else [])]
 
 
 def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
@@ -209,6 +215,11 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
                 group.append(Task(f"{name} seed {seed}: eval at {', '.join(map(str, more))} NFE",
                                   eval_file(run, steps, a.n_eval, True, more),
                                   eval_command(run, steps, ref, a.n_eval, nfe=more), (final,)))
+            ode = ENTRIES[name].ode_nfe
+            if ode:
+                group.append(Task(f"{name} seed {seed}: eval with Heun at {', '.join(map(str, ode))} NFE",
+                                  eval_file(run, steps, a.n_eval, True, ode, "heun"),
+                                  eval_command(run, steps, ref, a.n_eval, nfe=ode, solver="heun"), (final,)))
             # after the run: its middle snapshot is there by then; ldm also where it serves as the teacher
             middles = [plan.mid] if steps == plan.budget else []
             if name == "ldm" and any(ENTRIES[n].source for n in names):
@@ -285,15 +296,18 @@ def collect(plan: Plan, a) -> list[dict]:
             run = plan.run(name, seed)
             teacher = plan.teacher_steps if entry.source else 0
             speed = seconds_per_step(run)  # once per run, not per evaluated row
-            evaluated = [(step, step == own, eval_file(run, step, a.n_eval, step == own))
+            evaluated = [(step, step == own, eval_file(run, step, a.n_eval, step == own), name)
                          for step in dict.fromkeys((own, plan.mid, plan.teacher_steps))]
             if entry.more_nfe:
-                evaluated.append((own, True, eval_file(run, own, a.n_eval, True, entry.more_nfe)))
-            for step, final, path in evaluated:
+                evaluated.append((own, True, eval_file(run, own, a.n_eval, True, entry.more_nfe), name))
+            if entry.ode_nfe:
+                evaluated.append((own, True, eval_file(run, own, a.n_eval, True, entry.ode_nfe, "heun"),
+                                  f"{name}@heun"))
+            for step, final, path, label in evaluated:
                 if not path.exists():
                     continue
                 for r in json.loads(path.read_text())["results"]:
-                    rows.append(dict(entry=name, seed=seed, nfe=r["nfe"], step=step, final=final, fd=r["fd"],
+                    rows.append(dict(entry=label, seed=seed, nfe=r["nfe"], step=step, final=final, fd=r["fd"],
                                      precision=r.get("precision"), recall=r.get("recall"), own_steps=own,
                                      teacher_steps=teacher, images=(own + teacher) * a.batch,
                                      sec_per_step=speed))
@@ -335,10 +349,10 @@ VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a si
 def verdicts(summary: list[dict]) -> list[dict]:
     """Each few-step row against ldm's FD at its own sampler: lower by more than 2 pooled sd (3 seeds a side)?"""
     final = [s for s in summary if s["final"]]
-    bars = [s for s in final if s["entry"] == "ldm"]
+    bars = sorted((s for s in final if s["entry"] == "ldm" and "fd" in s), key=lambda s: s["nfe"])  # its NFE curve
     if not bars:
         return []
-    bar = bars[0]
+    bar = bars[-1]  # its own sampler's 35 NFE
     out = []
     for s in final:
         if s["entry"] == "ldm" or "fd" not in s:
@@ -347,7 +361,10 @@ def verdicts(summary: list[dict]) -> list[dict]:
         worse = ablation.beats(bar, s)[2]  # the other side of the same rule: a tie is neither
         out.append(dict(entry=s["entry"], nfe=s["nfe"], fd_difference=diff, pooled_sd=pooled, ldm_nfe=bar["nfe"],
                         seeds=min(len(s["seeds"]), len(bar["seeds"])), beats_ldm_by_2_pooled_sd=verdict,
-                        worse_than_ldm_by_2_pooled_sd=worse))
+                        worse_than_ldm_by_2_pooled_sd=worse,
+                        # the fewest NFE of ldm's curve at which its mean FD is as low as this row's (None: lower
+                        # than ldm's at every NFE scored)
+                        ldm_nfe_matched=next((b["nfe"] for b in bars if b["fd"] <= s["fd"]), None)))
     return out
 
 
@@ -428,6 +445,23 @@ def pm(e: dict, k: str, f: str) -> str:
     return f"{e[k]:{f}}" + (f" +- {e[k + '_sd']:{f}}" if len(e["seeds"]) > 1 else "")
 
 
+def compute_lines(path: Path, entries) -> list[str]:
+    """The counted cost per step of the board's entries (benchmarks/compute.py's result), if it has been made."""
+    if not path.exists():
+        return []
+    rows = {r["entry"]: r for r in json.loads(path.read_text())["rows"]}
+    base = rows.get("ldm", {}).get("gflop_per_image")
+    out = ["Cost per training step, counted (`python benchmarks/compute.py`): backbone rows per image with and "
+           "without gradient, GFLOP per image (forward + backward), and the ratio to ldm's:", "",
+           "| entry | rows with grad | rows without grad | GFLOP / image | x ldm |", "|---|---:|---:|---:|---:|"]
+    for name in (e for e in entries if e in rows):
+        r = rows[name]
+        ratio = f"{r['gflop_per_image'] / base:.2f}" if base else "-"
+        out.append(f"| {name} | {r['grad_rows_per_image']:.2f} | {r['no_grad_rows_per_image']:.2f} | "
+                   f"{r['gflop_per_image']:.3f} | {ratio} |")
+    return out + [""]
+
+
 def report(plan: Plan, a, results: Path) -> Path:
     rows = collect(plan, a)
     summary = summarize(rows)
@@ -456,6 +490,7 @@ def report(plan: Plan, a, results: Path) -> Path:
                      f"{pm(e, 'recall', '.4f')} | {e['own_steps']} + {e['teacher_steps']} | {e['images']:,} | "
                      f"{pm(e, 'sec_per_step', '.2f')} | {len(e['seeds'])} |")
     lines.append("")
+    lines += compute_lines(results / "compute-utkface64.json", a.entries)
     for t in (s for s in summary if s["entry"] == "ldm" and s["step"] == plan.teacher_steps and "fd" in s):
         lines += [f"- The teacher itself (ldm at step {t['step']}, {t['nfe']} NFE): FD {pm(t, 'fd', '.1f')} "
                   f"({len(t['seeds'])} seeds)"]
@@ -463,8 +498,11 @@ def report(plan: Plan, a, results: Path) -> Path:
         verdict = VERDICT[v["beats_ldm_by_2_pooled_sd"]]
         tie = " (within 2 pooled sd either way: at ldm's FD)" if v["worse_than_ldm_by_2_pooled_sd"] is False \
             and v["beats_ldm_by_2_pooled_sd"] is False else ""
+        k = v.get("ldm_nfe_matched")
+        matched = "" if k == v["ldm_nfe"] else (f"; ldm reaches its FD at {k} NFE" if k else
+                                                 "; lower than ldm's at every NFE scored")
         lines.append(f"- {v['entry']} at {v['nfe']} NFE vs ldm at {v['ldm_nfe']}: FD lower by {v['fd_difference']:.1f} "
-                     f"({two_sd(v)}): beats it by more than 2 pooled sd: **{verdict}**{tie}")
+                     f"({two_sd(v)}): beats it by more than 2 pooled sd: **{verdict}**{tie}{matched}")
     if pairs:
         lines += ["", "Between entries (final steps, the same NFE):", ""]
     for c in pairs:

@@ -69,7 +69,7 @@ def test_config_defaults_are_the_released_recipe():
         s0=10, s1=640, min_stage_steps=0, loss="cauchy", loss_reduction="mean", c_schedule="adaptive",
         c_calibration_quantile=0.5, c_calibration_batches=4, c_calibration_bounds=[1e-5, 1.0], c0=None,
         diffusion_r=0.25, diffusion_weight=5.0, diffusion_weighting="edm", diffusion_sigma="hi", coupling="ot",
-        teacher="", edm_p_mean=-1.2, edm_p_std=1.2, flow_t_mean=-0.4, flow_t_std=1.0, meanflow_r_fraction=0.25,
+        teacher="", edm_p_mean=-1.2, edm_p_std=1.2, fm_t_mean=0.0, fm_t_std=1.0, flow_t_mean=-0.4, flow_t_std=1.0, meanflow_r_fraction=0.25,
         meanflow_p=1.0, meanflow_c=1e-3, meanflow_derivative="jvp", meanflow_fd_eps=1e-3,
         meanflow_boundary_fraction=0.0, shortcut_max_steps=128,
         shortcut_bootstrap=0.25, shortcut_targets="online", soflow_fm_fraction=0.75, soflow_t_mean=0.2,
@@ -79,7 +79,8 @@ def test_config_defaults_are_the_released_recipe():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("kind", "vp", r"kind must be one of \['consistency', 'distillation', 'edm', 'meanflow', 'shortcut', 'soflow'\]"),
+    ("kind", "vp", r"kind must be one of \['consistency', 'distillation', 'edm', 'fm', 'meanflow', 'shortcut', "
+                   r"'soflow'\]"),
     ("meanflow_derivative", "reverse", "meanflow_derivative must be one of"), ("shortcut_max_steps", 96,
                                                                               "power of 2"),
     ("meanflow_r_fraction", 1.5, "meanflow_r_fraction"), ("flow_t_std", 0.0, "flow_t_std"),

@@ -247,7 +247,7 @@ def test_sample_on_a_full_disk_leaves_nothing_and_says_where(small_run, tmp_path
     code, _, err = cli(capsys, "sample", small_run, "--n", "8", "--nfe", "1", "--device", "cpu", "--out", out,
                        "--format", "png", "grid")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["grid-nfe1.png", "keep.txt", "nfe1"]
+    assert sorted(p.name for p in out.iterdir()) == ["grid-nfe1.png", "keep.txt", "nfe1", "samples.json"]
     assert len(list((out / "nfe1").iterdir())) == 8
 
 

@@ -80,7 +80,7 @@ def test_the_short_run_preset_has_the_remedies_for_the_curriculum_only():
     the objectives without a curriculum pin them off whatever the data preset says; the paper presets keep the
     authors' settings (off)."""
     from slct.config import list_presets
-    from slct.curriculum import uses_curriculum
+    from slct.objectives import uses_curriculum
 
     for method in list_presets("method"):
         teacher = ["objective.teacher=ldm-run"] if method in ("ilcd", "slcd") else []  # not opened here

@@ -338,7 +338,7 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
 
 def _refuse_flow(kind: str, path) -> None:
     """The TD analysis measures a consistency function f(x, sigma) (paper section 4.1); flow models have none."""
-    from slct.precond import is_flow
+    from slct.objectives import is_flow
 
     if is_flow(kind):
         raise ValueError(f"{path} is a {kind} model: the TD analysis measures consistency pairs f(x, sigma) (paper "

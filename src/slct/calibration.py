@@ -9,23 +9,37 @@ import torch
 
 from slct import distributed
 from slct.coupling import ot_coupling
-from slct.curriculum import CALIBRATED, calibrated_c, num_scales, sample_timestep_indices, uses_curriculum
+from slct.curriculum import CALIBRATED, calibrated_c, num_scales, sample_timestep_indices
+from slct.objectives import uses_curriculum
 from slct.losses import LOSSES
 from slct.pipeline import step_seed
 
 
-def stage_c(model, objective, dataset, cfg, state, device, dist, logger) -> float | None:
+def bounds_of_c(obj, latent_shape) -> tuple[float, float]:
+    """``objective.c_calibration_bounds`` are per element (the scale of c with loss_reduction "mean"); with "sum",
+    r is the full squared norm, d times larger, so c's bounds are sqrt(d) times larger (as iCT's c0 = 0.00054 sqrt(d))."""
+    lo, hi = obj.c_calibration_bounds
+    if obj.loss_reduction == "sum":
+        d = 1
+        for side in latent_shape:
+            d *= int(side)
+        lo, hi = lo * d**0.5, hi * d**0.5
+    return lo, hi
+
+
+def stage_c(model, objective, dataset, cfg, state, device, dist, logger, target=None) -> float | None:
     """The measured c of this step's curriculum stage, measured at the stage's first step and kept in
-    ``state.c_table``; None unless ``c_schedule`` is "calibrated"."""
+    ``state.c_table``; None unless ``c_schedule`` is "calibrated". ``target``: the model that makes the objective's
+    targets when it is not the online one (distillation's teacher, an EMA target)."""
     obj = cfg.objective
     if not uses_curriculum(obj) or obj.c_schedule != CALIBRATED:
         return None
     n = num_scales(state.step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
     if str(n) not in state.c_table:
-        c, count = measure_c(model, objective, dataset, cfg, state.step, device, dist)
+        c, count = measure_c(model, objective, dataset, cfg, state.step, device, dist, target)
         state.c_table[str(n)] = c
         knee = LOSSES[obj.loss].knee
-        lo, hi = obj.c_calibration_bounds
+        lo, hi = bounds_of_c(obj, dataset.latent_shape)
         clamped = " (clamped to objective.c_calibration_bounds)" if c in (lo, hi) else ""
         logger.event(f"c calibrated at step {state.step} for N = {n}: {c:.4g}{clamped} (quantile "
                      f"{obj.c_calibration_quantile:g} of r over {count} pairs at r = {knee:g} c^2, the {obj.loss} "
@@ -34,7 +48,7 @@ def stage_c(model, objective, dataset, cfg, state, device, dist, logger) -> floa
 
 
 @torch.no_grad()
-def measure_c(model, objective, dataset, cfg, step: int, device, dist) -> tuple[float, int]:
+def measure_c(model, objective, dataset, cfg, step: int, device, dist, target=None) -> tuple[float, int]:
     """Measure r on ``objective.c_calibration_batches`` batches (no gradients; drawn from their own seed stream, so
     the training batches are untouched) and return (calibrated c, number of pairs). Every rank measures its share
     of each global batch; the quantile is taken over all of them."""
@@ -52,8 +66,9 @@ def measure_c(model, objective, dataset, cfg, step: int, device, dist) -> tuple[
         x0, _ = dataset.get_batch(chosen[lo:hi])
         if obj.coupling == "ot":
             noise = noise[ot_coupling(x0, noise)]
-        terms = objective(model, x0.to(device), step, noise=noise.to(device), indices=indices, dropout_seed=seed, c=1.0)
+        terms = objective(model, x0.to(device), step, noise=noise.to(device), indices=indices, dropout_seed=seed, c=1.0,
+                          target_model=target)
         rs.append(terms.r.float().cpu())
     r = torch.cat([torch.as_tensor(part) for part in distributed.gather_objects(torch.cat(rs))])
     knee = LOSSES[obj.loss].knee
-    return calibrated_c(r, obj.c_calibration_quantile, knee, tuple(obj.c_calibration_bounds)), len(r)
+    return calibrated_c(r, obj.c_calibration_quantile, knee, bounds_of_c(obj, dataset.latent_shape)), len(r)

@@ -15,6 +15,7 @@ any other object (a pickle with a ``__reduce__`` payload, say) is refused in one
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pickle
 import re
@@ -47,10 +48,19 @@ class DamagedFileError(UnsafeFileError):
     """A file that cannot be read at all (truncated, corrupted, not a torch file): nothing in it was executed."""
 
 
+# how writers that are not Python's own I/O say ENOSPC: safetensors' Rust error, a C++ library's strerror
+_DISK_FULL_TEXT = re.compile(r"No space left on device|StorageFull|Disk quota exceeded|os error 28", re.IGNORECASE)
+
+
 def disk_full(error: BaseException, directory: Path) -> bool:
     # torch.save reports a full disk as "[enforce fail at inline_container.cc] unexpected pos", not as ENOSPC
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:  # the error and its causes
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or _DISK_FULL_TEXT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
     try:
         return shutil.disk_usage(directory).free < _LOW_SPACE_BYTES
     except OSError:
@@ -120,8 +130,48 @@ def _umask() -> int:
     return mask
 
 
+CHECKSUM_KEY = "checksum"  # a checkpoint's or snapshot's content digest (sha256 of content_digest's walk)
+
+
+def content_digest(tree) -> str:
+    """SHA-256 over a payload's content in a fixed walk: every tensor's dtype, shape and bytes, every plain value's
+    type and repr, dict keys in their (pickled, so preserved) order. Written with checkpoints and snapshots and
+    checked on every load: bit rot that stays finite (a weight set to 65536, Adam's second moment to 2e32) changes
+    it, where the non-finite checks would pass it."""
+    h = hashlib.sha256()
+
+    def walk(node) -> None:
+        if isinstance(node, torch.Tensor):
+            t = node.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(node.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(node, dict):
+            h.update(f"D{len(node)}".encode())
+            for k, v in node.items():
+                h.update(f"K{type(k).__name__}:{k!r}".encode())
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            h.update(f"{type(node).__name__[0]}{len(node)}".encode())
+            for v in node:
+                walk(v)
+        else:
+            h.update(f"V{type(node).__name__}:{node!r}".encode())
+
+    walk(tree)
+    return h.hexdigest()
+
+
+def with_checksum(payload: dict) -> dict:
+    """The payload with its content digest under ``CHECKSUM_KEY`` (verified by ``load``)."""
+    body = {k: v for k, v in payload.items() if k != CHECKSUM_KEY}
+    return {**body, CHECKSUM_KEY: content_digest(body)}
+
+
 def save_atomic(obj, path: str | Path, what: str | None = None) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (see ``atomic_write``)."""
+    """``torch.save(obj)`` to ``path`` atomically (see ``atomic_write``); a checkpoint or snapshot (a dict with an
+    slct ``format``) is written with its content digest."""
+    if isinstance(obj, dict) and obj.get("format") in (CHECKPOINT_FORMAT, SNAPSHOT_FORMAT):
+        obj = with_checksum(obj)
     return atomic_write(path, lambda f: torch.save(obj, f), what)
 
 
@@ -179,12 +229,23 @@ def load_untrusted(path: str | Path, what: str = "slct file", map_location="cpu"
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only refused an object: report it, never retry unrestricted
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None and "global" not in str(e).lower():  # random bytes: a bad opcode, not an object
+            raise DamagedFileError(f"{path} is damaged or not a {what}: it cannot be read (not a valid torch file: "
+                                   f"{_unpickler_reason(e)})") from None
         detail = f" ({found.group(1)})" if found else ""
         raise UnsafeFileError(f"{path} is not an {what}: it holds Python objects{detail} that slct does not load; "
                               "nothing in it was run") from None
     except Exception as e:  # truncated, not a torch file at all, ...
         raise DamagedFileError(f"{path} is damaged or not a {what}: it cannot be read ({type(e).__name__}: "
                                f"{_first_line(e)})") from None
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """torch's weights-only refusal is a page of advice; the reason is the line after 'WeightsUnpickler error:'."""
+    text = str(error)
+    tail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[0][:120] if lines else "unreadable"
 
 
 def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, map_location="cpu",
@@ -202,4 +263,8 @@ def load(path: str | Path, expect: str | tuple[str, ...] = CHECKPOINT_FORMAT, ma
         elif found == CHECKPOINT_FORMAT:
             hint = " (it is a training checkpoint; sampling reads the run's snapshot-*.pt files)"
         raise UnsafeFileError(f"{path} is not an {what}{hint}")
+    stored = payload.pop(CHECKSUM_KEY, None)  # files written before checksums have none: read as they are
+    if stored is not None and content_digest(payload) != stored:
+        raise DamagedFileError(f"{path} is damaged: its contents do not match the checksum written with it (bit "
+                               "rot, a bad copy or an edited file); nothing from it was used")
     return payload

@@ -29,6 +29,17 @@ COMMANDS: dict[str, str] = {
 ALIASES: dict[tuple[str, ...], str] = {("eval", "ref"): "eval-ref"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for None, False or an empty list, and not again when
+    the help text already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slct",
@@ -45,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # command not shipped in this build
         p = sub.add_parser(name, help=module.HELP, description=module.HELP, prog=getattr(module, "PROG", None),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run, _prog=p.prog)
     return parser
@@ -61,8 +72,26 @@ def _quiet_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one line each, once per message: "warning: TEXT", without the source path and line that Python
+    prints (users of the CLI read the message, not slct's internals)."""
+    import warnings
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        lines = str(message).strip().splitlines()
+        text = lines[0] if lines else category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_openmp()
+    _one_line_warnings()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     for words, command in ALIASES.items():

@@ -118,6 +118,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     rollback_lr_factor: float = 0.5  # the LR is multiplied by this at each rollback
     max_rollbacks: int = 3  # rollbacks before a run whose steps stay non-finite stops (one line: step, last loss, hints)
+    max_zero_grad_steps: int = 100  # a run whose gradient is exactly 0 this many steps in a row stops (0: never)
     # start from another run's default weights (a run directory, snapshot or checkpoint of the same network on the
     # same latents), e.g. consistency tuning from an ldm run; "" = a fresh initialisation (slct.training.warmstart)
     init: str = ""
@@ -186,6 +187,8 @@ class Config:
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         self._validate_optim()
+        if self.train.max_zero_grad_steps < 0:
+            raise ValueError(f"train.max_zero_grad_steps must be >= 0 (0: off), got {self.train.max_zero_grad_steps}")
         if self.train.max_rollbacks < 0 or not 0 < self.train.rollback_lr_factor <= 1:
             raise ValueError(f"train.max_rollbacks must be >= 0 and train.rollback_lr_factor in (0, 1], got "
                              f"{self.train.max_rollbacks} and {self.train.rollback_lr_factor}")
@@ -243,6 +246,11 @@ class Config:
                              f"and {o.stage_warmup_steps}")
         if not (finite(o.grad_scale_beta) and 0 <= o.grad_scale_beta < 1):
             raise ValueError(f"optim.grad_scale_beta must be in [0, 1) (0: off), got {o.grad_scale_beta}")
+        coupled_decay = o.weight_decay > 0 and not o.decoupled_weight_decay
+        if o.grad_scale_beta > 0 and (o.grad_clip > 0 or coupled_decay):
+            raise ValueError("optim.grad_scale_beta divides the gradients by their running norm, so optim.grad_clip "
+                             "and coupled weight decay would act on the scaled gradients: with it, set "
+                             "optim.grad_clip=0 and optim.decoupled_weight_decay=true (or optim.weight_decay=0)")
 
 
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -95,14 +95,6 @@ def num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 640, min_sta
     return min(s0 * 2**doublings, s1) + 1
 
 
-def uses_curriculum(objective_cfg) -> bool:
-    """Whether the objective walks eq. 10's discretisation curriculum (every consistency-parameterised objective:
-    consistency training and distillation)."""
-    from slct.precond import parameterisation
-
-    return parameterisation(objective_cfg.kind) == "consistency"
-
-
 def stage_start_step(step: int, total_steps: int, s0: int = 10, s1: int = 640, min_stage_steps: int = 0) -> int:
     """The first step of the curriculum stage ``step`` is in (eq. 10): where N last changed (0 in the first stage;
     the stage at N = s1 + 1 lasts to the end)."""

@@ -63,9 +63,11 @@ class SLCTDenoiser(_SafetensorsOnly, ModelMixin, ConfigMixin):
                  num_classes: int = 0, class_names: list | None = None):
         super().__init__()
         from slct.nn import build_network
+        from slct.objectives import parameterisation
         from slct.precond import wrap_network
 
-        self.model = wrap_network(build_network(network, **(network_kwargs or {})), kind, sigma_data, sigma_min)
+        self.model = wrap_network(build_network(network, **(network_kwargs or {})), parameterisation(kind), sigma_data,
+                                  sigma_min)
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, *args) -> torch.Tensor:
         return self.model(x, sigma, class_labels, *args)
@@ -80,13 +82,14 @@ class SLCTScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, kind: str = "consistency", sigma_min: float = 0.002, sigma_max: float = 80.0,
                  rho: float = 7.0, sigma_mid: float = 0.36931547703985584, ldm_solver: str = "heun",
-                 ldm_steps: int = 18):
+                 ldm_steps: int = 18, flow_solver: str = "map"):
         pass
 
     def configs(self) -> tuple[SimpleNamespace, SimpleNamespace]:
         c = self.config
         return (SimpleNamespace(kind=c.kind, sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho),
-                SimpleNamespace(sigma_mid=c.sigma_mid, ldm_solver=c.ldm_solver, ldm_steps=c.ldm_steps))
+                SimpleNamespace(sigma_mid=c.sigma_mid, ldm_solver=c.ldm_solver, ldm_steps=c.ldm_steps,
+                                flow_solver=getattr(c, "flow_solver", "map")))
 
     def sigmas(self, num_inference_steps: int) -> list[float]:
         """The noise levels the network is evaluated at for ``num_inference_steps`` NFE."""
@@ -94,11 +97,13 @@ class SLCTScheduler(SchedulerMixin, ConfigMixin):
         from slct.sigmas import karras_sigmas
 
         c = self.config
-        from slct.precond import parameterisation
+        from slct.objectives import parameterisation
 
         wrapper = parameterisation(c.kind)
         if wrapper == "flow":
-            return [1 - i / num_inference_steps for i in range(num_inference_steps)]
+            solver = getattr(c, "flow_solver", "map")
+            steps = num_inference_steps if solver != "heun" else (num_inference_steps + 1) // 2
+            return [1 - i / steps for i in range(steps)]
         if wrapper == "edm":
             steps = num_inference_steps if c.ldm_solver == "euler" else (num_inference_steps + 1) // 2
             return karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho).double().flip(0).tolist()
@@ -230,7 +235,8 @@ def export_diffusers(snapshot: str | Path, out: str | Path, ema: str | None = No
                             class_names=snap.class_names)
     denoiser.model.load_state_dict(snap.model.state_dict())
     scheduler = SLCTScheduler(kind=obj.kind, sigma_min=obj.sigma_min, sigma_max=obj.sigma_max, rho=obj.rho,
-                              sigma_mid=samp.sigma_mid, ldm_solver=samp.ldm_solver, ldm_steps=samp.ldm_steps)
+                              sigma_mid=samp.sigma_mid, ldm_solver=samp.ldm_solver, ldm_steps=samp.ldm_steps,
+                              flow_solver=samp.flow_solver)
     source = snap.codec
     vae_config = dict(source.vae.config) if hasattr(source, "vae") else None
     codec = SLCTCodec(codec=snap.codec_spec, normalizer=snap.normalizer.to_dict(), vae_config=vae_config)

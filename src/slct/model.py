@@ -20,7 +20,7 @@ def network_kwargs(cfg, latent_shape: tuple[int, ...], num_classes: int) -> dict
                              f"{tuple(latent_shape)} (needs {key}={wanted})")
         kwargs[key] = wanted
     kwargs["label_dim"] = num_classes
-    from slct.precond import is_flow
+    from slct.objectives import is_flow
 
     if is_flow(cfg.objective.kind):  # MeanFlow's interval / Shortcut's step size: a second time input
         kwargs["second_time"] = True
@@ -46,7 +46,9 @@ def build_model(cfg, latent_shape: tuple[int, ...], num_classes: int = 0) -> tor
                          "change it with --set network.options.KEY=VALUE (e.g. channel_mult, attn_resolutions) "
                          "or choose another --network") from None
     obj = cfg.objective
-    return wrap_network(backbone, obj.kind, obj.sigma_data, obj.sigma_min)
+    from slct.objectives import parameterisation
+
+    return wrap_network(backbone, parameterisation(obj.kind), obj.sigma_data, obj.sigma_min)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

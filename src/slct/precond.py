@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["FlowModel", "PRECOND_KINDS", "Precond", "PrecondModel", "is_flow", "parameterisation", "wrap_network"]
+__all__ = ["FlowModel", "PARAMETERISATIONS", "PRECOND_KINDS", "Precond", "PrecondModel", "wrap_network"]
 
 Sigma = torch.Tensor | float
 
@@ -34,6 +34,9 @@ PRECOND_KINDS: dict[str, Callable] = {
     "consistency": _consistency_skip_out,
     "edm": _edm_skip_out,
 }
+
+
+PARAMETERISATIONS = (*PRECOND_KINDS, "flow")  # what an objective's precond_kind may be
 
 
 class Precond:
@@ -110,22 +113,6 @@ class PrecondModel(torch.nn.Module):
         return p.c_skip(s) * x + p.c_out(s) * out.to(dtype)
 
 
-def parameterisation(kind: str) -> str:
-    """How an objective of ``kind`` wraps its network: "consistency" or "edm" (a :class:`Precond` of that kind) or
-    "flow" (:class:`FlowModel`: MeanFlow, Shortcut, whose network predicts an average velocity and takes a second
-    time input). Each objective class declares it (``precond_kind``); this looks it up in the objective registry."""
-    from slct.objectives import OBJECTIVES  # objectives build on this module: looked up when called
-
-    if kind not in OBJECTIVES:
-        raise ValueError(f"unknown objective kind {kind!r}; known: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[kind].precond_kind
-
-
-def is_flow(kind: str) -> bool:
-    """An objective trained in the flow parameterisation (see :func:`parameterisation`)."""
-    return parameterisation(kind) == "flow"
-
-
 class FlowModel(torch.nn.Module):
     """``u(x, t, h) = net(x, time_scale t, class_labels, time_scale h)``: the average velocity over [t - h, t].
 
@@ -158,9 +145,12 @@ class FlowModel(torch.nn.Module):
         return self.net(x, self.time_scale * t, class_labels, self.time_scale * h).to(dtype)
 
 
-def wrap_network(net: torch.nn.Module, kind: str, sigma_data: float = 0.5, sigma_min: float = 0.002):
-    """The backbone inside the parameterisation its objective trains (a registry of kinds, not a chain of ifs)."""
-    wrapper = parameterisation(kind)
-    if wrapper == "flow":
+def wrap_network(net: torch.nn.Module, parameterisation: str, sigma_data: float = 0.5, sigma_min: float = 0.002):
+    """The backbone inside a parameterisation (an objective class's ``precond_kind``; for a config,
+    ``slct.objectives.parameterisation(kind)``): "consistency" or "edm" (:class:`PrecondModel`) or "flow"
+    (:class:`FlowModel`). This module knows nothing of the objectives built on it."""
+    if parameterisation == "flow":
         return FlowModel(net)
-    return PrecondModel(net, Precond(sigma_data=sigma_data, sigma_min=sigma_min, kind=wrapper))
+    if parameterisation not in PRECOND_KINDS:
+        raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}, got {parameterisation!r}")
+    return PrecondModel(net, Precond(sigma_data=sigma_data, sigma_min=sigma_min, kind=parameterisation))

@@ -19,6 +19,7 @@ class LineProgress:
         self.stream = stream or sys.stdout
         self.start_n, self.t0 = initial, time.time()
         self.last = None  # time of the last line
+        self.printed_n = None  # the count the last line showed
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -27,16 +28,15 @@ class LineProgress:
             self._line(now)
 
     def _line(self, now: float) -> None:
-        self.last = now
+        self.last, self.printed_n = now, self.n
         rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
         share = f" ({self.n / self.total:.0%})" if self.total else ""
         of = f"/{self.total}" if self.total is not None else ""
         print(f"{self.desc}: {self.n}{of} {self.unit}{share}, {rate:.3g} {self.unit}/s", file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.last is None or self.n != getattr(self, "_closed_at", None):
+        if self.printed_n != self.n:  # a last line, unless the last one already showed the final count
             self._line(time.time())
-            self._closed_at = self.n
 
     def __enter__(self):
         return self

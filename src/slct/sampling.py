@@ -27,8 +27,7 @@ from slct.checkpoint import SNAPSHOT_FORMAT
 from slct.config import FLOW_SOLVERS
 from slct.data.labels import resolve_class
 from slct.nn.layers import label_features
-from slct.objectives import OBJECTIVES
-from slct.precond import parameterisation
+from slct.objectives import OBJECTIVES, parameterisation
 from slct.sigmas import karras_sigmas
 
 
@@ -284,7 +283,7 @@ def sample_latents(model, seeds, latent_shape: tuple[int, ...], nfe: int, object
 def default_nfe(objective_cfg, sampling_cfg) -> list[int]:
     """The step counts worth reporting (each objective says: 1 and 2 for consistency models and MeanFlow, 1, 2 and 4
     for shortcut models, the solver's NFE for ldm)."""
-    from slct.objectives import OBJECTIVES
+    from slct.objectives import OBJECTIVES, parameterisation
 
     return OBJECTIVES[objective_cfg.kind].report_nfe(sampling_cfg)
 
@@ -441,7 +440,7 @@ def load_snapshot(path: str | Path, device="cpu", ema: str | float | None = None
     name = resolve_ema_name(ema, list(weights), default)
     net = build_network(cfg.network.name, **payload["network_kwargs"])
     obj = cfg.objective
-    model = wrap_network(net, obj.kind, obj.sigma_data, obj.sigma_min)
+    model = wrap_network(net, parameterisation(obj.kind), obj.sigma_data, obj.sigma_min)
     check_finite_weights(weights[name], f"{path}'s {name!r} weights")
     model.load_state_dict(weights[name])
     device = torch.device(device)

@@ -62,9 +62,20 @@ def run(args) -> int:
     else:
         steps = args.steps
     cfg = demo_config(steps, args.seed, args.device, args.sets, args.preset)
-    result = train(cfg, out, resume="auto")
+    # the step count is fixed at the start (the curriculum is a function of it): if the machine gets busier later,
+    # the run takes longer than the estimate; it stops (with a checkpoint) at 3x the budget instead of running on
+    limit = 3 * args.minutes if args.steps is None and saved is None else None
+    result = train(cfg, out, resume="auto", max_minutes=limit)
+    if result.stopped_by == "minutes":
+        per_step = result.state.wall_seconds / max(result.state.step, 1)
+        print(f"demo: stopped at step {result.state.step} of {steps} after {limit:g} minutes: the machine got slower "
+              f"after the calibration ({per_step * 1000:.0f} ms per step now); `slct demo` again continues the run")
+        return 0
     if not result.finished:
         return 130
+    if args.steps is None and saved is None and result.state.wall_seconds > 1.5 * 60 * args.minutes:
+        print(f"demo: training took {result.state.wall_seconds / 60:.1f} minutes, not ~{args.minutes:g}: the machine "
+              "got busier after the step time was measured")
     # the run's own training time, summed over every session that trained it (a re-run that only re-reports a
     # finished run took seconds, not the training time)
     report = write_report(out, cfg, result.state.wall_seconds, args.n_eval)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -42,7 +44,7 @@ def check_sigma_mid(sigma_mid: float, objective_cfg) -> None:
     """--sigma-mid: a noise level strictly between the run's sigma_min and sigma_max, for consistency models."""
     import math
 
-    from slct.precond import parameterisation
+    from slct.objectives import parameterisation
 
     if parameterisation(objective_cfg.kind) != "consistency":
         raise ValueError(f"--sigma-mid sets the intermediate noise level of consistency sampling; this is a "
@@ -153,12 +155,27 @@ def _write_samples(args, snap, nfes, seeds, stage: Path, out: Path, dist) -> lis
             lines.append(f"nfe={nfe}: {len(seeds)} samples -> {out / f'samples-nfe{nfe}.npz'}")
     if "png" in formats:
         lines.append(f"{len(seeds)} samples per NFE -> {out}/nfe*/")
+    if dist.is_main:  # which invocation the folder's samples are
+        (stage / "samples.json").write_text(json.dumps(dict(
+            snapshot=str(snap.path), step=snap.step, ema=snap.ema, nfe=list(nfes), seeds=[seeds[0], seeds[-1]],
+            labels=args.labels, guidance=args.guidance, format=sorted(formats),
+            solver=args.solver, sigma_mid=snap.config.sampling.sigma_mid), indent=1) + "\n")
     return lines
 
 
+# what `slct sample` writes into its folder: an earlier invocation's files of these names are replaced or removed
+SAMPLE_FILES = re.compile(r"^(grid-nfe\d+\.png|samples-nfe\d+\.npz|nfe\d+|samples\.json)$")
+
+
 def _publish(stage: Path, out: Path) -> None:
-    """Move what ``stage`` holds into ``out`` (an entry of the same name there is replaced), then remove ``stage``."""
+    """Move what ``stage`` holds into ``out`` (an entry of the same name there is replaced) and remove what an
+    earlier `slct sample` left there that this one did not write (its other NFEs' grids, say), so the folder holds
+    one invocation's samples (samples.json says which); files of other names are left alone."""
     out.mkdir(parents=True, exist_ok=True)
+    mine = {entry.name for entry in stage.iterdir()}
+    for old in out.iterdir():
+        if SAMPLE_FILES.match(old.name) and old.name not in mine:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     for entry in sorted(stage.iterdir()):
         target = out / entry.name
         if target.is_dir():

@@ -111,7 +111,7 @@ def dry_run_report(cfg) -> str:
     dim = 1
     for s in shape:
         dim *= s
-    from slct.curriculum import uses_curriculum
+    from slct.objectives import uses_curriculum
 
     if uses_curriculum(obj):
         k_prime = stage_length_steps(tr.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
@@ -139,7 +139,8 @@ LONG_RUN_STEPS = 20_000  # beyond the lengths the short-run curriculum cap was m
 
 def curriculum_notes(cfg) -> list[str]:
     """What a run's length says about its curriculum settings (printed by --dry-run and when training starts)."""
-    from slct.curriculum import stage_length_steps, uses_curriculum
+    from slct.curriculum import stage_length_steps
+    from slct.objectives import uses_curriculum
 
     obj, total = cfg.objective, cfg.train.total_steps
     if not uses_curriculum(obj):
@@ -170,4 +171,6 @@ def _latent_shape(cfg):
 
     _, defaults = NETWORK_PRESETS[cfg.network.name]
     shape = (defaults.get("in_channels", 4), defaults.get("resolution", 32), defaults.get("resolution", 32))
-    return shape, "the network preset's default; pass --data for the real one", None
+    source = (f"the network preset's default: {cfg.data.path} could not be read" if cfg.data.path
+              else "the network preset's default; pass --data for the real one")
+    return shape, source, None

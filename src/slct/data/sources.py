@@ -103,6 +103,16 @@ def walk_folder(root: Path) -> tuple[list[str], list[dict]]:
     files: list[str] = []
     problems: list[dict] = []
     seen: set[tuple[int, int]] = set()
+    # the real (not linked) directories of the tree first: a link to one of them is reported as the link, and the
+    # folder is read (and names its class) under its real name, whichever of the two the walk meets first
+    real: dict[tuple[int, int], str] = {}
+    for dirpath, _, _ in os.walk(root, followlinks=False):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        rel_path = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        real[(st.st_dev, st.st_ino)] = "" if rel_path == "." else rel_path
 
     def visit(folder: Path, rel: str) -> None:
         st = folder.stat()
@@ -121,6 +131,13 @@ def walk_folder(root: Path) -> tuple[list[str], list[dict]]:
             name = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 if entry.is_dir(follow_symlinks=True):
+                    st = os.stat(entry.path)
+                    target = real.get((st.st_dev, st.st_ino))
+                    if entry.is_symlink() and target is not None:  # read under its real name instead
+                        problems.append({"name": name, "reason": "symlink-loop",
+                                         "detail": f"links to {os.path.realpath(entry.path)}, read as "
+                                                   f"{target or 'the top folder'}"})
+                        continue
                     visit(Path(entry.path), name)
                 elif entry.is_file(follow_symlinks=True):
                     files.append(name)

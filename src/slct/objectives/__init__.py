@@ -45,6 +45,9 @@ __all__ = [
     "register_objective",
     "build_objective",
     "draw_times",
+    "parameterisation",
+    "is_flow",
+    "uses_curriculum",
     # kept importable from here as before the split into modules
     "DIFFUSION_SIGMAS",
     "MEANFLOW_DERIVATIVES",
@@ -57,6 +60,26 @@ __all__ = [
 
 # cfg.kind -> objective class
 OBJECTIVES: dict[str, type] = {kind: spec.cls for kind, spec in REGISTRY.items()}
+
+
+def parameterisation(kind: str) -> str:
+    """How an objective of ``kind`` wraps its network: "consistency" or "edm" (a ``slct.precond.Precond`` of that
+    kind) or "flow" (``slct.precond.FlowModel``: MeanFlow, Shortcut, SoFlow, fm, whose network predicts a velocity
+    and takes a second time input). Each objective class declares it (``precond_kind``)."""
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective kind {kind!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[kind].precond_kind
+
+
+def is_flow(kind: str) -> bool:
+    """An objective trained in the flow parameterisation (see :func:`parameterisation`)."""
+    return parameterisation(kind) == "flow"
+
+
+def uses_curriculum(objective_cfg) -> bool:
+    """Whether the objective walks eq. 10's discretisation curriculum (every consistency-parameterised objective:
+    consistency training and distillation)."""
+    return parameterisation(objective_cfg.kind) == "consistency"
 
 
 def _validate(self):

@@ -134,6 +134,22 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+# the adaptive loss weight w = 1 / (err + eps)^p of MeanFlow and SoFlow (their p = 1, eps 1e-3 / 0.01): a large p or
+# eps makes every weight underflow to 0 (loss and gradient exactly 0: a run that cannot learn)
+ADAPTIVE_P_MAX, ADAPTIVE_EPS_MAX = 4.0, 100.0
+
+
+def check_adaptive_weight(p_name: str, p, eps_name: str, eps) -> None:
+    """The adaptive weight's p in [0, ADAPTIVE_P_MAX] and eps in (0, ADAPTIVE_EPS_MAX]: beyond them the weight
+    underflows and nothing is learnt."""
+    check_positive(p_name, p, allow_zero=True)
+    check_positive(eps_name, eps)
+    if p > ADAPTIVE_P_MAX or eps > ADAPTIVE_EPS_MAX:
+        raise ValueError(f"{p_name} must be in [0, {ADAPTIVE_P_MAX:g}] and {eps_name} in (0, {ADAPTIVE_EPS_MAX:g}] "
+                         f"(the papers: p = 1, eps <= 0.01), got {p!r} and {eps!r}: the weight 1 / (err + eps)^p "
+                         "would underflow to 0 and nothing would be learnt")
+
+
 def check_fraction(name: str, value) -> None:
     check_finite(name, value)
     if not 0 <= value <= 1:

@@ -40,7 +40,8 @@ class ConsistencyFields:
     c_schedule: str = "adaptive"  # "adaptive" (eq. 11) | "adaptive-code" | "fixed" (iCT) | "calibrated" [3]
     c_calibration_quantile: float = 0.5  # "calibrated": this quantile of r sits at the knee r/(2c^2) = 1
     c_calibration_batches: int = 4  # "calibrated": batches measured (no gradients) at each stage start
-    c_calibration_bounds: list = field(default_factory=lambda: [1e-5, 1.0])  # "calibrated": c is clamped to these
+    # "calibrated": c is clamped to these, per element (x sqrt(d) with loss_reduction "sum": slct.calibration)
+    c_calibration_bounds: list = field(default_factory=lambda: [1e-5, 1.0])
     c0: float | None = None  # iCT's fixed c; None -> 0.00054 sqrt(elements per sample) [3]
     diffusion_r: float = 0.25  # diffusion loss on the smallest-sigma fraction r of the grid; 0 = off [4]
     diffusion_weight: float = 5.0  # its weight w (authors' code: 5; paper form: 1) [4]

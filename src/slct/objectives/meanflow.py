@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from slct.objectives.base import (LossTerms, Objective, check_choice, check_draws, check_finite, check_fraction,
-                                  check_positive, check_seed, draw_seed, flow_equivalent_sigma, per_sample, rand,
-                                  randn, register_objective, seeded_rng)
+from slct.objectives.base import (LossTerms, Objective, check_adaptive_weight, check_choice, check_draws, check_finite,
+                                  check_fraction, check_positive, check_seed, draw_seed, flow_equivalent_sigma,
+                                  per_sample, rand, randn, register_objective, seeded_rng)
 
 # how MeanFlow gets du/dt along the path
 MEANFLOW_DERIVATIVES: tuple[str, ...] = ("jvp", "finite-difference")
@@ -31,9 +31,9 @@ class MeanFlowFields:
 
 def validate_meanflow(cfg) -> None:
     check_finite("flow_t_mean", cfg.flow_t_mean)
-    for name in ("flow_t_std", "meanflow_c", "meanflow_fd_eps"):
+    for name in ("flow_t_std", "meanflow_fd_eps"):
         check_positive(name, getattr(cfg, name))
-    check_positive("meanflow_p", cfg.meanflow_p, allow_zero=True)
+    check_adaptive_weight("meanflow_p", cfg.meanflow_p, "meanflow_c", cfg.meanflow_c)
     check_fraction("meanflow_r_fraction", cfg.meanflow_r_fraction)
     check_fraction("meanflow_boundary_fraction", cfg.meanflow_boundary_fraction)
     check_choice("meanflow_derivative", cfg.meanflow_derivative, MEANFLOW_DERIVATIVES)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from slct.objectives.base import (LossTerms, Objective, check_draws, check_finite, check_fraction, check_positive,
-                                  check_seed, draw_seed, flow_equivalent_sigma, per_sample, randn,
-                                  register_objective, seeded_rng)
+from slct.objectives.base import (LossTerms, Objective, check_adaptive_weight, check_draws, check_finite,
+                                  check_fraction, check_positive, check_seed, draw_seed, flow_equivalent_sigma,
+                                  per_sample, randn, register_objective, seeded_rng)
 
 MIN_GAP = 1e-4  # the smallest t - s and t - l: the difference quotient needs a gap
 
@@ -50,9 +50,9 @@ def validate_soflow(cfg) -> None:
     check_fraction("soflow_fm_fraction", cfg.soflow_fm_fraction)
     for name in ("soflow_t_mean", "soflow_s_mean", "soflow_fm_t_mean"):
         check_finite(name, getattr(cfg, name))
-    for name in ("soflow_t_std", "soflow_s_std", "soflow_fm_t_std", "soflow_eps"):
+    for name in ("soflow_t_std", "soflow_s_std", "soflow_fm_t_std"):
         check_positive(name, getattr(cfg, name))
-    check_positive("soflow_p", cfg.soflow_p, allow_zero=True)
+    check_adaptive_weight("soflow_p", cfg.soflow_p, "soflow_eps", cfg.soflow_eps)
     for name in ("soflow_r_init", "soflow_r_end"):
         value = getattr(cfg, name)
         check_finite(name, value)
@@ -112,10 +112,16 @@ class SoFlowObjective(Objective):
         fm = fm_cpu.to(device)
         # flow matching: u(x_t, t, 0) -> v
         err_fm = (u_t - v).pow(2).flatten(1).mean(1)
-        # solution consistency: f(x_t, t, s) vs sg f(x_l, l, s), the same dropout mask
+        # solution consistency: f(x_t, t, s) vs sg f(x_l, l, s), the target pass on the consistency rows only (as
+        # the authors run it; a network without dropout gives those rows bitwise the full-batch pass's values; with
+        # dropout the target rows draw their own mask)
         xl = x0 + per_sample(l, x0) * v
-        with torch.no_grad(), seeded_rng(seed, device):
-            u_l = model(xl, l, labels, l - s).to(x0.dtype)
+        u_l = torch.zeros_like(x0)
+        rows = (~fm_cpu).nonzero().squeeze(1).to(device)
+        if len(rows):
+            lab = labels[rows.to(labels.device)] if labels is not None else None
+            with torch.no_grad(), seeded_rng(seed, device):
+                u_l[rows] = model(xl[rows], l[rows], lab, (l - s)[rows]).to(x0.dtype)
         f_t = xt - per_sample(t - s, x0) * u_t
         f_l = (xl - per_sample(l - s, x0) * u_l).detach()
         gap = torch.where(fm, torch.ones_like(t), t - l)  # flow-matching rows: any non-zero value (unused)

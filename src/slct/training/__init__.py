@@ -11,7 +11,8 @@ c calibration lives beside the curriculum (``slct.calibration``), the objectives
 
 from slct.training.health import TrainingDiverged
 from slct.training.loop import TrainResult, train
-from slct.training.monitor import NOISE_BANDS, Monitor, noise_band, trim_metrics
+from slct.training.bands import NOISE_BANDS, noise_band
+from slct.training.monitor import Monitor, trim_metrics
 from slct.training.plots import plot_metrics
 from slct.training.rundir import RESUMABLE_CHANGES, config_differences, describe_difference
 from slct.training.setup import build_optimizer, learning_rate, open_dataset, resolve_device

@@ -16,6 +16,10 @@ class TrainingDiverged(RuntimeError):
     """Non-finite steps continued after train.max_rollbacks rollbacks; the run stopped (its checkpoints are finite)."""
 
 
+class TrainingStalled(TrainingDiverged):
+    """Every gradient was exactly zero for train.max_zero_grad_steps steps in a row: the run cannot learn."""
+
+
 @dataclass
 class Health:
     """Non-finite step bookkeeping of one train() call (the totals live in TrainState)."""
@@ -24,6 +28,7 @@ class Health:
     last_finite_loss: float = float("nan")
     last_finite_step: int = -1
     checkpoint_due: bool = False  # a periodic checkpoint fell inside a streak of bad steps: write it at the next good one
+    consecutive_zero: int = 0  # steps in a row whose gradient was exactly zero (a run that cannot learn)
 
 
 class StopSignals:
@@ -65,6 +70,13 @@ def state_finite(model, optimizer, ema) -> bool:
     moments = [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     shadows = [v for shadow in ema.shadows for v in shadow.values()]
     return bool(torch.isfinite(global_norm([*model.state_dict().values(), *moments, *shadows]).cpu()))
+
+
+def stall_message(cfg, state, health: Health, loss: float) -> str:
+    return (f"training stopped: the gradient was exactly zero for {health.consecutive_zero} steps in a row up to "
+            f"step {state.step} (loss {loss:.4g}): nothing can be learnt with these settings. Check the objective's "
+            f"weights and scales in config.yaml (e.g. an adaptive weight whose p or eps makes every weight 0), or "
+            f"raise train.max_zero_grad_steps (now {cfg.train.max_zero_grad_steps}; 0 turns the check off)")
 
 
 def divergence_message(run_dir, cfg, state, health: Health, lr: float) -> str:

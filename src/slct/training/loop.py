@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from slct.model import build_model, count_parameters, network_kwargs
 from slct.objectives import build_objective
 from slct.pipeline import BatchPipeline, step_seed
 from slct.training import rundir
-from slct.training.health import Health, StopSignals, TrainingDiverged, divergence_message, grad_norm
+from slct.training.health import (Health, StopSignals, TrainingDiverged, TrainingStalled, divergence_message, grad_norm,
+                                  stall_message)
 from slct.training.monitor import Monitor
 from slct.training.setup import (adam_step_rms, build_optimizer, learning_rate, open_dataset, resolve_device,
                                  stage_start)
@@ -71,6 +73,8 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
     try:
         if resumed_from is not None and dist.is_main and progress != "none":
             print(f"resuming from {resumed_from} (step {run.state.step} of {cfg.train.total_steps})", flush=True)
+        if dist.is_main and progress != "none":
+            _print_sources(run.meta, resumed_from is not None)
         logger = Monitor(run_dir, cfg, dataset, dist.is_main, progress, start=run.state.step,
                          total=cfg.train.total_steps)
         try:
@@ -85,12 +89,26 @@ def train(cfg: Config, run_dir: str | Path, resume: str = "auto", until_step: in
             lock.release()
     if stopped_by == "diverged":
         raise TrainingDiverged(detail)
+    if stopped_by == "stalled":
+        raise TrainingStalled(detail)
     if dist.is_main and progress != "none":
         verb = "finished" if state.step >= total else f"stopped ({stopped_by}) at step {state.step}/{total}"
+        how = {"until_step": f"re-run without --until-step (or with a later one) to continue from step {state.step}"
+               }.get(stopped_by, "re-run the same command to resume")
         print(f"training {verb} in {time.time() - t_start:.0f} s; run directory: {run_dir}"
-              + ("" if state.step >= total else "\nre-run the same command to resume"))
+              + ("" if state.step >= total else f"\n{how}"))
     return TrainResult(run_dir, state, state.step >= total, stopped_by, files,
                        signal=detail if stopped_by == "signal" else None)
+
+
+def _print_sources(meta: dict, resumed: bool) -> None:
+    """Name the files a run took weights from: the --init source (read at the start only) and the teacher."""
+    from slct.training.warmstart import describe_source
+
+    if "init" in meta:
+        print(f"initialised {'at the start ' if resumed else ''}from {describe_source(meta['init'])}", flush=True)
+    if "teacher" in meta:
+        print(f"teacher: {describe_source(meta['teacher'])}", flush=True)
 
 
 def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int | None, max_minutes: float | None,
@@ -103,8 +121,10 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
     # gradients are averaged over processes by hand after the last micro-batch (same result as DDP's all-reduce)
     manual_sync = dist.world_size > 1 and objective.sync_gradients_manually
     if dist.world_size > 1 and not manual_sync:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        with warnings.catch_warnings():  # torch 2.13 deprecates the flag but advises keeping it for unsynced buffers
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     total = cfg.train.total_steps
     stop_step = min(total, until_step) if until_step is not None else total
     prefetch = cfg.train.prefetch_batches
@@ -116,7 +136,7 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
         with StopSignals() as signals:
             while state.step < stop_step:
                 batch = next(pipeline)
-                c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger)
+                c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger, target)
                 lr = learning_rate(cfg.optim, state.step, state.lr_scale, stage_start(cfg, state.step),
                                    cfg.train.total_steps)
                 for group in run.optimizer.param_groups:
@@ -133,6 +153,13 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
                 state.step += 1
                 state.nimg += cfg.train.batch_size
                 logger.step(state, lr, ok, norm, adam_step_rms(run.optimizer) if logger.due(state.step) else None)
+                # norm is of the all-reduced gradients: the same on every rank, so is this branch
+                health.consecutive_zero = health.consecutive_zero + 1 if ok and norm == 0 else 0
+                if cfg.train.max_zero_grad_steps and health.consecutive_zero >= cfg.train.max_zero_grad_steps:
+                    _write_outputs(run, logger, health, ok, stopping=True)
+                    message = stall_message(cfg, state, health, loss_value)
+                    logger.event(message, state.step, echo=False)  # the caller reports it
+                    return "stalled", message
                 if not ok and health.consecutive_bad >= cfg.train.max_bad_steps:
                     if state.rollbacks >= cfg.train.max_rollbacks:
                         message = divergence_message(run.dir, cfg, state, health, lr)
@@ -205,7 +232,7 @@ def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundi
     if objective.target_weights == "teacher":
         from slct.training.warmstart import load_teacher
 
-        teacher, meta["teacher"] = load_teacher(cfg.objective.teacher, meta)
+        teacher, meta["teacher"] = load_teacher(cfg.objective.teacher, meta, run_dir)
         teacher = teacher.to(device)
     return rundir.Run(run_dir, cfg, meta, model, optimizer, ema, TrainState(), dist, teacher), objective
 

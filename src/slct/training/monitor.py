@@ -15,18 +15,8 @@ import torch
 from slct import checkpoint, distributed
 from slct.config import Config
 from slct.ema import default_ema
+from slct.training.bands import NOISE_BANDS, noise_band
 from slct.training.state import TrainState
-
-# noise bands of the diagnostics (name, lowest sigma, highest sigma): where the 1-step samples are decided (> 1) and
-# where the diffusion loss and most of the Cauchy loss's gradient go (< 0.1)
-NOISE_BANDS = (("lt0.1", 0.0, 0.1), ("0.1-1", 0.1, 1.0), ("1-10", 1.0, 10.0), ("gt10", 10.0, math.inf))
-
-
-def noise_band(sigma: torch.Tensor) -> torch.Tensor:
-    """The NOISE_BANDS index of each sigma (int64, CPU)."""
-    edges = torch.tensor([b[1] for b in NOISE_BANDS[1:]], dtype=torch.float64)
-    return torch.bucketize(sigma.detach().double().cpu(), edges, right=True)
-
 
 class Monitor:
     """Progress bar, metrics.jsonl, optional TensorBoard, sample grids and the final plot (rank 0 only writes)."""
@@ -273,7 +263,7 @@ class Monitor:
         self.metrics.close()
         files = {"metrics": self.run_dir / "metrics.jsonl"}
         obj, stages = self.cfg.objective, None
-        from slct.curriculum import uses_curriculum
+        from slct.objectives import uses_curriculum
 
         if uses_curriculum(obj):
             from slct.curriculum import curriculum_stages

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from slct.training.monitor import NOISE_BANDS
+from slct.training.bands import NOISE_BANDS
 
 def plot_metrics(metrics_path: Path, out: Path, stage_starts: list[int] | None = None) -> Path | None:
     """One PNG: loss terms, loss and r/(2c^2) per noise band, gradient norm, c, N (and FD when evaluated) against

@@ -85,7 +85,8 @@ def learning_rate(optim_cfg, step: int, lr_scale: float = 1.0, stage_start: int 
 
 def stage_start(cfg, step: int) -> int:
     """The first step of the consistency curriculum stage ``step`` is in; 0 for objectives without stages."""
-    from slct.curriculum import stage_start_step, uses_curriculum
+    from slct.curriculum import stage_start_step
+    from slct.objectives import uses_curriculum
 
     obj = cfg.objective
     if not uses_curriculum(obj):

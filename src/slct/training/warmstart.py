@@ -13,13 +13,32 @@ import torch
 from slct import checkpoint
 
 
-def recorded_init(run_dir: Path) -> dict | None:
-    """What a run that has checkpoints recorded of its source (run.json), or None for a run not started yet."""
+def recorded(run_dir: Path, key: str) -> dict | None:
+    """What a run that has checkpoints recorded of its ``key`` ("init" or "teacher") in run.json, or None for a run
+    not started yet."""
     import json
 
     if not checkpoint.list_checkpoints(run_dir) or not (Path(run_dir) / "run.json").is_file():
         return None
-    return json.loads((Path(run_dir) / "run.json").read_text()).get("init")
+    return json.loads((Path(run_dir) / "run.json").read_text()).get(key)
+
+
+def recorded_init(run_dir: Path) -> dict | None:
+    """What a run that has checkpoints recorded of its source (run.json), or None for a run not started yet."""
+    return recorded(run_dir, "init")
+
+
+def describe_source(record: dict) -> str:
+    """One line naming the file a run loaded weights from: path, kind, step, EMA and the start of its sha256."""
+    sha = f", sha256 {record['sha256'][:12]}" if record.get("sha256") else ""
+    return f"{record['path']} ({record['kind']} model, step {record['step']}, {record['ema']} weights{sha})"
+
+
+def _source_record(snap) -> dict:
+    from slct.sampling import file_sha256
+
+    return {"path": str(Path(snap.path).resolve()), "kind": snap.config.objective.kind, "step": int(snap.step),
+            "ema": snap.ema, "sha256": file_sha256(snap.path)}
 
 
 def load_init(path: str, model: torch.nn.Module, meta: dict, network_name: str) -> dict:
@@ -40,18 +59,32 @@ def load_init(path: str, model: torch.nn.Module, meta: dict, network_name: str) 
                              f"{describe_difference(theirs[key], mine[key])}, the source's first); a run starts "
                              "from weights of its own architecture, latent shape, codec and normalisation only")
     model.load_state_dict(snap.model.state_dict())
-    return {"path": str(Path(snap.path).resolve()), "kind": snap.config.objective.kind, "step": int(snap.step),
-            "nimg": None if snap.nimg is None else int(snap.nimg), "ema": snap.ema}
+    return {**_source_record(snap), "nimg": None if snap.nimg is None else int(snap.nimg)}
 
 
-def load_teacher(path: str, meta: dict) -> tuple[torch.nn.Module, dict]:
+def load_teacher(path: str, meta: dict, run_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """The diffusion teacher of consistency distillation: the default weights of an ``ldm`` run (directory, snapshot
-    or checkpoint) as a frozen denoiser in eval mode, and what the run records of it. The teacher may be another
-    network than the student's, but it must be a diffusion model (EDM parameterisation) on the same latents."""
-    from slct.precond import parameterisation
-    from slct.sampling import load_snapshot
+    or checkpoint) as a frozen denoiser in eval mode, and what the run records of it (the exact file and its
+    sha256). The teacher may be another network than the student's, but it must be a diffusion model (EDM
+    parameterisation) on the same latents.
+
+    A run that has started (``run_dir`` holds checkpoints) distils from the file it recorded, whatever ``path``
+    resolves to now (a teacher run that kept training has newer snapshots): that file, unchanged, or a ValueError
+    in one line if it changed or vanished."""
+    from slct.objectives import parameterisation
+    from slct.sampling import file_sha256, load_snapshot
     from slct.training.rundir import describe_difference
 
+    before = recorded(run_dir, "teacher") if run_dir is not None else None
+    if before is not None:
+        file = Path(before["path"])
+        if not file.is_file():
+            raise ValueError(f"this run distils from {file}, which is gone; restore that file to resume (a newer "
+                             "teacher would change the run), or start a new run with another --out")
+        if before.get("sha256") and file_sha256(file) != before["sha256"]:
+            raise ValueError(f"this run's teacher {file} has changed since the run started (sha256 "
+                             f"{before['sha256'][:12]} recorded); restore it to resume, or start a new run")
+        path = str(file)
     snap = load_snapshot(path)
     kind = snap.config.objective.kind
     if parameterisation(kind) != "edm":
@@ -64,7 +97,12 @@ def load_teacher(path: str, meta: dict) -> tuple[torch.nn.Module, dict]:
             raise ValueError(f"--teacher {path} works on other latents ({key}: "
                              f"{describe_difference(theirs[key], mine[key])}, the teacher's first): distil from a "
                              "diffusion model trained on the same latent dataset")
+    theirs_k, mine_k = int(snap.num_classes), int(meta["num_classes"])
+    if theirs_k != mine_k:  # the student would fail at step 0, or silently distil the null-label output
+        what = lambda k: f"class-conditional ({k} classes)" if k else "unconditional"  # noqa: E731
+        raise ValueError(f"--teacher {path} is {what(theirs_k)} and this run is {what(mine_k)}: distil a "
+                         f"{'conditional' if theirs_k else 'unconditional'} teacher into a student of the same "
+                         f"conditioning ({'--set data.conditional=true' if theirs_k else 'leave data.conditional off'})")
     teacher = snap.model.eval()
     teacher.requires_grad_(False)
-    record = {"path": str(Path(snap.path).resolve()), "kind": kind, "step": int(snap.step), "ema": snap.ema}
-    return teacher, record
+    return teacher, _source_record(snap)

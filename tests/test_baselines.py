@@ -1,0 +1,262 @@
+"""The many-step baselines at their best: flow matching (`--preset fm`), the flow-ODE solvers that sample it and any
+flow objective through its velocity, EDM's own training recipe (`--preset ldm-edm`: Adam, a learning-rate ramp-up
+as a fraction of the run, dropout), and the tuning sweep's plan and report (benchmarks/sweep.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slct.config import load_config
+from slct.objectives import ObjectiveConfig, build_objective
+from slct.objectives.flow_matching import fm_times
+from slct.sampling import flow_ode_sample, set_solver
+from slct.training import train
+from slct.training.setup import build_optimizer, learning_rate, warmup_steps
+
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=1", "train.device=cpu",
+        "train.batch_size=8", "checkpoint.every_steps=4"]
+
+
+def test_fm_loss_is_the_velocity_regression():
+    """fm: total_i = mean((u(x_t, t, 0) - (e - x0))^2) with x_t = (1 - t) x0 + t e, consistency term 0."""
+    cfg = ObjectiveConfig(kind="fm", coupling="none")
+    objective = build_objective(cfg, 10)
+    x0, e = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    t = torch.tensor([[0.1], [0.4], [0.7], [0.95]], dtype=torch.float64)
+    seen = {}
+
+    def model(x, tt, labels, h):
+        seen.update(x=x, t=tt, h=h)
+        return 0.5 * x  # any function of the input
+    terms = objective(model, x0, 0, noise=e, indices=t, dropout_seed=0)
+    tb = t[:, 0].reshape(-1, 1, 1, 1)
+    xt = (1 - tb) * x0 + tb * e
+    torch.testing.assert_close(seen["x"], xt)
+    assert torch.equal(seen["h"], torch.zeros(4, dtype=torch.float64))
+    want = (0.5 * xt - (e - x0)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(terms.total, want)
+    assert torch.equal(terms.consistency, torch.zeros(4, dtype=torch.float64))
+
+
+def test_fm_times_are_logit_normal():
+    cfg = ObjectiveConfig(kind="fm", fm_t_mean=0.5, fm_t_std=0.8)
+    t = fm_times(20_000, cfg, torch.Generator().manual_seed(0))[:, 0]
+    logit = torch.log(t / (1 - t))
+    assert abs(float(logit.mean()) - 0.5) < 0.03 and abs(float(logit.std()) - 0.8) < 0.03
+    with pytest.raises(ValueError, match="fm_t_std must be > 0"):
+        ObjectiveConfig(kind="fm", fm_t_std=0.0).validate()
+
+
+def _counting(fn):
+    calls = []
+
+    def model(x, t, labels, h):
+        calls.append(float(t[0]))
+        assert torch.equal(h, torch.zeros_like(h))  # the instantaneous velocity: h = 0
+        return fn(x, t)
+    return model, calls
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4, 7])
+def test_flow_ode_solvers_use_exactly_the_nfe_and_are_exact_on_a_single_point(solver, nfe):
+    """For data that is one point d the exact velocity is (x - d) / t, whose solution is linear in t: both solvers
+    land on d exactly, with exactly ``nfe`` network evaluations."""
+    d = torch.tensor([[0.3, -1.2]])
+    model, calls = _counting(lambda x, t: (x - d) / t.reshape(-1, 1).clamp_min(1e-12))
+    if solver == "heun" and nfe % 2 == 0:  # its last correction evaluates at t = 0: use the limit there
+        model, calls = _counting(lambda x, t: torch.where(t.reshape(-1, 1) > 0, (x - d) / t.reshape(-1, 1)
+                                                          .clamp_min(1e-12), torch.zeros_like(x)))
+    x = flow_ode_sample(model, torch.tensor([[2.0, 0.5]]), nfe, solver)
+    assert len(calls) == nfe and calls[0] == 1.0
+    if not (solver == "heun" and nfe % 2 == 0):
+        torch.testing.assert_close(x, d)
+
+
+def test_heun_is_second_order_and_euler_first():
+    """dx/dt = x t from t = 1 (x = 1) to 0: x(0) = exp(-1/2). Doubling the steps divides Heun's error by ~4 and
+    Euler's by ~2."""
+    exact = math.exp(-0.5)
+
+    def error(solver, nfe):
+        model, _ = _counting(lambda x, t: x * t.reshape(-1, 1))
+        return abs(float(flow_ode_sample(model, torch.ones(1, 1, dtype=torch.float64), nfe, solver)) - exact)
+
+    assert 3.6 < error("heun", 40) / error("heun", 80) < 4.4
+    assert 1.8 < error("euler", 40) / error("euler", 80) < 2.2
+
+
+def test_solver_choices_follow_the_parameterisation():
+    samp = load_config("soflow", "digits").sampling
+    set_solver(samp, "soflow", "heun")
+    assert samp.flow_solver == "heun"
+    set_solver(samp, "soflow", "map")
+    with pytest.raises(ValueError, match="learns an instantaneous velocity, not a flow map"):
+        set_solver(samp, "fm", "map")
+    samp = load_config("ldm", "digits").sampling
+    set_solver(samp, "edm", "euler")
+    assert samp.ldm_solver == "euler"
+    with pytest.raises(ValueError, match="solvers are euler, heun"):
+        set_solver(samp, "edm", "map")
+    with pytest.raises(ValueError, match="leave --solver out"):
+        set_solver(samp, "consistency", "heun")
+    with pytest.raises(ValueError, match="sampling.flow_solver must be euler or heun"):
+        load_config("fm", "digits", sets=["sampling.flow_solver=map"])
+
+
+def test_fm_trains_and_samples_at_any_nfe_and_a_flow_map_model_through_its_velocity(tmp_path, capsys):
+    from slct.cli import main
+    from slct.sampling import load_snapshot
+
+    for method in ("fm", "soflow"):
+        train(load_config(method, "digits", sets=[*TINY, "train.total_steps=4"]), tmp_path / method,
+              progress=False)
+    snap = load_snapshot(tmp_path / "fm")
+    assert snap.config.sampling.flow_solver == "heun"
+    assert main(["sample", str(tmp_path / "fm"), "--n", "2", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "grid-nfe35.png").is_file()  # fm's default: the ldm baseline's 35 NFE
+    assert main(["sample", str(tmp_path / "soflow"), "--n", "2", "--nfe", "3", "--solver", "euler",
+                 "--out", str(tmp_path / "s2")]) == 0
+    assert json.loads((tmp_path / "s2" / "samples.json").read_text())["solver"] == "euler"
+    soflow = load_snapshot(tmp_path / "soflow")
+    a = soflow.sample_latents([0, 1], 3)  # its flow map
+    soflow.config.sampling.flow_solver = "euler"
+    assert not torch.equal(a, soflow.sample_latents([0, 1], 3))  # the ODE of its velocity: another sampler
+
+
+def test_ldm_edm_is_edms_recipe():
+    cfg = load_config("ldm-edm", "utkface64")
+    assert (cfg.optim.optimizer, cfg.optim.weight_decay, cfg.optim.warmup_fraction, cfg.network.dropout) == (
+        "adam", 0.0, 0.05, 0.1)
+    assert cfg.objective.kind == "edm" and cfg.train.ema_rampup_ratio == 0.05  # EDM's ramp-up EMA
+    model = torch.nn.Linear(2, 2)
+    assert type(build_optimizer(cfg.optim, model)) is torch.optim.Adam
+    assert type(build_optimizer(load_config("ldm", "utkface64").optim, model)) is torch.optim.RAdam
+    with pytest.raises(ValueError, match="optim.optimizer must be one of radam, adam"):
+        load_config("ldm", "digits", sets=["optim.optimizer=sgd"])
+
+
+def test_the_warmup_fraction_fits_the_run_length():
+    """5% of the run: 100 steps of a 2,000-step run, 15,000 of a 300k one; the longer of steps and fraction."""
+    cfg = load_config("ldm-edm", "utkface64").optim
+    assert warmup_steps(cfg, 2000) == 100 and warmup_steps(cfg, 300_000) == 15_000
+    assert learning_rate(cfg, 0, total_steps=2000) == pytest.approx(cfg.lr / 100)
+    assert learning_rate(cfg, 99, total_steps=2000) == learning_rate(cfg, 1500, total_steps=2000) == cfg.lr
+    cfg.warmup_steps = 400
+    assert warmup_steps(cfg, 2000) == 400
+    with pytest.raises(ValueError, match="warmup_fraction must be in"):
+        load_config("ldm", "digits", sets=["optim.warmup_fraction=1.5"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmarks/sweep.py
+
+
+def _sweep():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("slct_bench_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
+    from slct.cli import build_parser
+    from slct.commands.train import resolve
+
+    sweep = _sweep()
+    points = sweep.order("ldm-edm")
+    assert len(points) == 12 and len(set(points)) == 12
+    assert (points[0].lr, points[0].beta2, points[0].dropout) == (1e-3, 0.999, 0.1)  # the preset's own point
+    assert all(sum(getattr(p, k) != getattr(points[0], k) for k in sweep.GRID) == 1 for p in points[1:5])
+    a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100"])
+    todo = sweep.tasks(a, tmp_path / "data", tmp_path / "ref.npz")
+    assert len(todo) == 2 * 24 and todo[0].what.startswith("ldm-edm") and todo[2].what.startswith("fm")
+    for task in todo:
+        ns = build_parser().parse_args(task.args)
+        if task.args[0] == "train":
+            cfg = resolve(ns)
+            point = next(p for p in sweep.order(cfg.objective.kind == "fm" and "fm" or "ldm-edm")
+                         if task.what.startswith(p.name))
+            assert (cfg.optim.lr, cfg.optim.betas[1], cfg.network.dropout) == (point.lr, point.beta2, point.dropout)
+            assert cfg.train.total_steps == 100
+        else:
+            assert ns.nfe == [35]
+
+
+def test_sweep_report_ranks_the_points(tmp_path, monkeypatch):
+    sweep = _sweep()
+    a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--baselines", "ldm-edm"])
+    for i, point in enumerate(sweep.order("ldm-edm")[:3]):
+        run = sweep.run_dir(tmp_path, 100, point, 0)
+        run.mkdir(parents=True)
+        (run / "eval-final-n1000-nfe35.json").write_text(json.dumps(
+            {"results": [{"nfe": 35, "fd": 50.0 - i, "precision": 0.5, "recall": 0.1 * i}]}))
+    results = tmp_path / "results"
+    results.mkdir()
+    out = sweep.report(a, results)
+    text = out.read_text()
+    assert "Best: lr 0.001, beta2 0.99, dropout 0.1 (FD 48.0; the next point 1.0 higher; one seed)" in text
+    data = json.loads((results / "sweep-utkface64-100steps.json").read_text())
+    assert len(data["rows"]) == 3 and data["best"]["ldm-edm"]["fd"] == 48.0
+
+
+def test_soflow_target_pass_runs_on_the_consistency_rows_only_and_changes_no_bit():
+    """The no-grad target pass f(x_l, l, s) on the 25% consistency rows alone (the authors' way): the loss is bitwise
+    the one with the pass over the whole batch (a network without dropout), at a quarter of that pass's cost."""
+    from slct.model import build_model
+    from slct.objectives.soflow import soflow_draws
+
+    cfg = load_config("soflow", "digits", sets=["network.name=unet-tiny"])
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 8, 8))
+    sizes = []
+
+    def model(x, t, labels=None, h=None):
+        sizes.append(len(x))
+        return net(x, t, labels, h)
+
+    objective = build_objective(cfg.objective, 100)
+    x0, e = torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)
+    rows = soflow_draws(16, cfg.objective, 5, 100, torch.Generator().manual_seed(3))
+    terms = objective(model, x0, 5, noise=e, indices=rows, dropout_seed=0)
+    assert sizes == [16, 4]  # the online pass on all rows, the target pass on the 4 consistency rows
+    # the same loss with the target pass over every row
+    t, s, l = (rows[:, i].float() for i in range(3))
+    fm = s == t
+    v = e - x0
+    xt, xl = x0 + t.view(-1, 1, 1, 1) * v, x0 + l.view(-1, 1, 1, 1) * v
+    with torch.no_grad():
+        u_t, u_l = net(xt, t, None, t - s), net(xl, l, None, l - s)
+    q = ((xt - (t - s).view(-1, 1, 1, 1) * u_t) - (xl - (l - s).view(-1, 1, 1, 1) * u_l)) / torch.where(
+        fm, torch.ones_like(t), t - l).view(-1, 1, 1, 1)
+    err = torch.where(fm, (u_t - v).pow(2).flatten(1).mean(1), q.pow(2).flatten(1).mean(1))
+    w = 1 / (err + cfg.objective.soflow_eps) ** cfg.objective.soflow_p
+    consistency = torch.where(fm, 0.0, -(u_t * (w.view(-1, 1, 1, 1) * q)).flatten(1).mean(1))
+    assert torch.equal(terms.consistency.detach(), consistency)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distillation with the measured c
+
+
+def test_slcd_with_calibrated_c_trains_and_the_bounds_are_per_element(tmp_path):
+    from slct.calibration import bounds_of_c
+
+    teacher = tmp_path / "ldm"
+    train(load_config("ldm", "digits", sets=[*TINY, "train.total_steps=2"]), teacher, progress=False)
+    cfg = load_config("slcd", "digits", sets=[*TINY, "train.total_steps=2", "objective.c_schedule=calibrated",
+                                              "objective.c_calibration_batches=1", f"objective.teacher={teacher}"])
+    result = train(cfg, tmp_path / "slcd", progress=False)  # calibration passes the teacher (crashed at step 0)
+    assert result.finished and result.state.c_table
+    obj = load_config("ilct", "digits", sets=["objective.loss_reduction=sum"]).objective
+    assert bounds_of_c(obj, (4, 32, 32)) == pytest.approx((1e-5 * 64, 64.0))  # sqrt(4096) = 64
+    assert bounds_of_c(load_config("ilct", "digits").objective, (4, 32, 32)) == (1e-5, 1.0)
