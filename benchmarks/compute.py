@@ -36,7 +36,8 @@ def entry_config(name: str, budget: int = 2000, teacher_steps: int = 1500):
 
     entry = leaderboard.ENTRIES[name]
     steps = entry.own_steps(budget, teacher_steps)
-    return load_config(entry.preset, "utkface64", sets=[*entry.sets, f"train.total_steps={steps}"]), steps
+    teacher = ["objective.teacher=a-fresh-ldm-network"] if entry.distil else []  # measure() builds the teacher
+    return load_config(entry.preset, "utkface64", sets=[*entry.sets, f"train.total_steps={steps}", *teacher]), steps
 
 
 def measure(name: str, seed: int = 0) -> dict:

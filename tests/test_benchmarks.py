@@ -355,7 +355,7 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
             cfg = resolve(ns)  # strict: a mistyped key would raise here
             tuned = "--init" in task.args or "--teacher" in task.args
             assert cfg.train.total_steps == (40 if tuned else 100), task.what
-            if task.what.startswith("ldm"):  # writes the teacher's step and the middle one
+            if task.what.startswith("ldm seed"):  # writes the teacher's step and the middle one
                 assert 60 % cfg.checkpoint.snapshot_every_steps == 0 and 50 % cfg.checkpoint.snapshot_every_steps == 0
             assert task.needs == ((plan.teacher(int(task.what[-1])),) if tuned else ())
     tuned = next(t for t in todo if t.what == "ilct-tuned seed 0")
@@ -365,6 +365,10 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     whats = [t.what for t in todo]
     more = next(t for t in todo if t.what == "soflow seed 0: eval at 4, 8 NFE")  # beyond the run's own NFE
     assert more.args[-3:] == ["--nfe", "4", "8"] and more.done.name == "eval-final-n1000-nfe4-nfe8.json"
+    ode = next(t for t in todo if t.what == "soflow seed 0: eval with Heun at 2, 4, 8, 17, 35 NFE")  # its velocity ODE
+    assert ode.args[-2:] == ["--solver", "heun"] and ode.done.name.endswith("-nfe35-heun.json")
+    curve = next(t for t in todo if t.what == "fm seed 0: eval at 3, 5, 9, 17 NFE")  # the baselines' NFE curves
+    assert curve.args[-5:] == ["--nfe", "3", "5", "9", "17"]
     assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
     assert "ldm seed 0: eval at step 60" in whats  # the teacher itself
     # a teacher-only ldm run when ldm itself is not on the board: trained, never scored

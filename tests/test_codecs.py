@@ -123,3 +123,54 @@ def test_sd_vae_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(RuntimeError, match=r'pip install "slct\[sd-vae\]"'):
         get_codec("sd-vae-ft-ema", pretrained=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the outlier codec (the paper's premise, controlled)
+
+
+def _kurtosis(z: torch.Tensor) -> float:
+    z = z.double().flatten()
+    z = (z - z.mean()) / z.std()
+    return float(z.pow(4).mean() - 3)
+
+
+@pytest.mark.parametrize("mode", ["spike", "tail"])
+def test_outlier_codec_round_trips_and_is_impulsive(mode):
+    from slct.codecs.outliers import OutlierCodec
+
+    x = torch.rand(16, 3, 8, 8) * 2 - 1
+    plain = get_codec("identity")
+    codec = get_codec("outliers", base=plain.spec(), mode=mode, strength=20.0)
+    z = codec.encode(x)
+    torch.testing.assert_close(codec.decode(z), plain.decode(plain.encode(x)), rtol=0, atol=1e-6)
+    assert _kurtosis(z) > _kurtosis(x) + (5 if mode == "spike" else 1)  # heavier tails (x is uniform)
+    if mode == "spike":  # one element per image and channel, multiplied by k, the rest untouched
+        changed = (z != x).flatten(2).sum(2)
+        assert changed.max() == 1 and z.abs().amax((2, 3)).allclose(20 * x.abs().amax((2, 3)))
+    rebuilt = get_codec(**json.loads(json.dumps(codec.spec())))
+    assert isinstance(rebuilt, OutlierCodec) and rebuilt.spec() == codec.spec() and rebuilt.id == f"identity+{mode}20"
+    one = get_codec("outliers", base=plain.spec(), mode=mode, strength=1)  # k = 1: the plain codec
+    assert torch.equal(one.encode(x), plain.encode(x))
+
+
+def test_outlier_codec_refuses_bad_settings(capsys):
+    from slct.cli import main
+
+    for kwargs, message in [(dict(mode="spiky"), "outlier mode must be one of spike, tail"),
+                            (dict(strength=0.5), "strength must be a finite number >= 1"),
+                            (dict(base={"name": "outliers", "base": {"name": "identity"}}), "not another outlier")]:
+        with pytest.raises(ValueError, match=message):
+            get_codec("outliers", **{"base": {"name": "identity"}, **kwargs})
+    assert main(["encode", "nowhere", "--out", "x", "--codec", "identity", "--outliers", "spike"]) == 2
+    assert "--outliers takes MODE:K" in capsys.readouterr().err
+
+
+@pytest.mark.shared
+def test_outlier_codec_around_taef2_decodes_as_taef2(shared_weights, utkface_zip):
+    base = get_codec("taef2", weights_dir=shared_weights)
+    codec = get_codec("outliers", base=base.spec(), mode="spike", strength=10.0)
+    x = _faces(utkface_zip, 4)
+    z = codec.encode(x)
+    torch.testing.assert_close(codec.decode(z), base.decode(base.encode(x)), rtol=0, atol=1e-4)
+    assert _kurtosis(z) > _kurtosis(base.encode(x)) + 3

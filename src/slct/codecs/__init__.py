@@ -7,6 +7,8 @@ snapshot, so ``get_codec(**spec)`` rebuilds the same latent space later:
 - ``taef2``: TAEF2, the tiny autoencoder of the FLUX.2 VAE; 32 channels, 8x downsampling.
 - ``sd-vae-ft-ema`` / ``sd-vae-ft-mse``: the paper's VAE through diffusers' ``AutoencoderKL``;
   4 channels, 8x downsampling, posterior sample (default) or mean.
+- ``outliers``: any of them with impulsive outliers that its decoder inverts (the paper's premise, controlled);
+  ``slct encode --outliers spike:K``.
 
 Conventions shared by every codec: images are float NCHW tensors in [-1, 1]; latents are float32
 NCHW tensors of shape ``(N, *codec.latent_shape(resolution))``; ``decode`` returns float32 images
@@ -91,12 +93,18 @@ def _sd_vae(variant: str) -> Callable[..., Codec]:
     return build
 
 
+def _outliers(**kwargs) -> Codec:
+    from slct.codecs.outliers import OutlierCodec
+    return OutlierCodec(**kwargs)
+
+
 # codec name -> factory(**kwargs); factories import lazily so e.g. diffusers is only needed for sd-vae-*
 CODECS: dict[str, Callable[..., Codec]] = {
     "identity": _identity,
     "taef2": _taef2,
     "sd-vae-ft-ema": _sd_vae("sd-vae-ft-ema"),
     "sd-vae-ft-mse": _sd_vae("sd-vae-ft-mse"),
+    "outliers": _outliers,  # wraps another codec: impulsive latents its decoder inverts (slct.codecs.outliers)
 }
 
 

@@ -16,7 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default=None,
                    help="output directory (or --out); run again to resume an interrupted encode")
     p.add_argument("--out", dest="out_flag", metavar="OUT_DIR", default=None, help="the output directory, as a flag")
-    p.add_argument("--codec", default="taef2", choices=sorted(CODECS), help="image <-> latent codec")
+    p.add_argument("--codec", default="taef2", choices=sorted(c for c in CODECS if c != "outliers"),
+                   help="image <-> latent codec")
+    p.add_argument("--outliers", default=None, metavar="MODE:K",
+                   help="make the codec's latents impulsive in a way its decoder inverts exactly (the paper's premise, "
+                   "controlled): spike:K multiplies each image and channel's largest-magnitude element by K, tail:K "
+                   "maps every element through sinh(a x) / a, a = ln K; K = 1 is the plain codec "
+                   "(docs/data.md)")
     p.add_argument("--resolution", type=int, default=64, help="center-crop and resize images to this side (px)")
     p.add_argument("--batch", type=int, default=64, help="images per codec call")
     p.add_argument("--hflip-copies", action="store_true", help="also store the latents of mirrored images")
@@ -62,6 +68,19 @@ def codec_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def outlier_codec(codec, text: str):
+    """``--outliers MODE:K`` around ``codec``."""
+    from slct.codecs.outliers import OUTLIER_MODES, OutlierCodec
+
+    mode, _, k = text.partition(":")
+    try:
+        strength = float(k)
+    except ValueError:
+        raise ValueError(f"--outliers takes MODE:K with MODE one of {', '.join(OUTLIER_MODES)} and K >= 1 "
+                         f"(e.g. spike:20), got {text!r}") from None
+    return OutlierCodec(codec, mode, strength)
+
+
 def output_dir(args: argparse.Namespace) -> str:
     if args.out_dir and args.out_flag and args.out_dir != args.out_flag:
         raise ValueError(f"two output directories given ({args.out_dir} and --out {args.out_flag}); give one")
@@ -80,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.min_size is not None and args.min_size < 0:
         raise ValueError(f"--min-size must be >= 0, got {args.min_size}")
     codec = get_codec(args.codec, **codec_kwargs(args))
+    if args.outliers:
+        codec = outlier_codec(codec, args.outliers)
     manifest = encode_dataset(
         args.source, out_dir, codec, args.resolution, batch_size=args.batch, hflip_copies=args.hflip_copies,
         strict=args.strict, num_workers=args.workers, device=args.device, shard_size=args.shard_size,
