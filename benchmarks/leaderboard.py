@@ -116,6 +116,11 @@ ENTRIES: dict[str, Entry] = {
     "meanflow-boundary": Entry("meanflow", ("objective.meanflow_boundary_fraction=0.1",)),
     # the many-step baselines at their best (issue: baselines at their best): EDM's own recipe and flow matching,
     # each at its preset (the sweep's centre point: benchmarks/sweep.py) and scored along an NFE curve
+    # consistency distillation as published (Song et al. 2023's CD): the student starts as the teacher, an EMA target
+    # network (mu = 0.95, openai's), a fixed N = 18 (their ImageNet/LSUN setting), lr 1e-4 (their 8e-6..4e-4 at
+    # batch 2,048..512); without the stage-jump remedies, as ilct-tuned and the other distilled entries
+    "ilcd-published": Entry("ilcd", (*NO_REMEDIES, "objective.target_ema=0.95", "objective.s0=17",
+                                     "objective.s1=17", "optim.lr=1e-4"), distil=True, init=True),
     "ldm-edm": Entry("ldm-edm", more_nfe=(3, 5, 9, 17)),
     "fm": Entry("fm", more_nfe=(3, 5, 9, 17)),
 }
@@ -340,7 +345,11 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
          # the norm rung split in two: GroupNorm -> LayerNorm over (C, H, W) -> its scale fixed at 1 (NsLN)
          ("norm-layer", "ladder-adaptive-c"), ("slct", "norm-layer"),
          # the objectives beyond the paper, from scratch on the same network and latents
-         ("soflow", "meanflow"), ("soflow", "shortcut"), ("meanflow", "shortcut"), ("meanflow", "slct")]
+         ("soflow", "meanflow"), ("soflow", "shortcut"), ("meanflow", "shortcut"), ("meanflow", "slct"),
+         # distillation as published against tuning and the earlier distillation settings
+         ("ilcd-published", "ilct-tuned"), ("ilcd-published", "ilcd-init"),
+         # the baselines at their best against the bar as it was
+         ("ldm-edm", "ldm"), ("fm", "ldm"), ("fm", "ldm-edm")]
 
 
 VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}

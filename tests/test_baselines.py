@@ -260,3 +260,39 @@ def test_slcd_with_calibrated_c_trains_and_the_bounds_are_per_element(tmp_path):
     obj = load_config("ilct", "digits", sets=["objective.loss_reduction=sum"]).objective
     assert bounds_of_c(obj, (4, 32, 32)) == pytest.approx((1e-5 * 64, 64.0))  # sqrt(4096) = 64
     assert bounds_of_c(load_config("ilct", "digits").objective, (4, 32, 32)) == (1e-5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# consistency distillation as published: an EMA target network (openai's mu = 0.95), a fixed N
+
+
+def test_the_target_network_is_the_ema_when_target_ema_is_set():
+    cfg = ObjectiveConfig(kind="consistency", loss="l2", diffusion_r=0.0, coupling="none", target_ema=0.95)
+    objective = build_objective(cfg, 100)
+    x0, e = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    online = lambda x, s, labels=None: x * 0.5  # noqa: E731
+    with pytest.raises(ValueError, match="needs the EMA target network"):
+        objective(online, x0, 0, noise=e)
+    zero = lambda x, s, labels=None: torch.zeros_like(x)  # noqa: E731
+    idx = torch.tensor([0, 1, 2, 3])
+    terms = objective(online, x0, 0, noise=e, indices=idx, dropout_seed=0, ema_target=zero)
+    plain = build_objective(ObjectiveConfig(kind="consistency", loss="l2", diffusion_r=0.0, coupling="none"), 100)
+    ref = plain(lambda x, s, labels=None: x * 0.5 if torch.is_grad_enabled() else torch.zeros_like(x), x0, 0,
+                noise=e, indices=idx, dropout_seed=0)  # the target pass (no grad) from the zero network
+    torch.testing.assert_close(terms.total, ref.total)
+    with pytest.raises(ValueError, match="target_ema must be in"):
+        ObjectiveConfig(target_ema=1.0).validate()
+
+
+def test_a_run_with_an_ema_target_tracks_it_and_resumes_bitwise(tmp_path):
+    from slct import checkpoint
+
+    sets = [*TINY, "train.total_steps=6", "objective.target_ema=0.95", "objective.s0=17", "objective.s1=17"]
+    whole, sliced = tmp_path / "whole", tmp_path / "sliced"
+    train(load_config("ilct", "digits", sets=sets), whole, progress=False)
+    train(load_config("ilct", "digits", sets=sets), sliced, until_step=3, progress=False)
+    train(load_config("ilct", "digits", sets=sets), sliced, progress=False)
+    a, b = (checkpoint.load(checkpoint.latest_checkpoint(r)) for r in (whole, sliced))
+    assert "0.95" in a["ema"]["names"]  # the target network is an EMA of the run, checkpointed with the others
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [json.loads(x)["n_scales"] for x in open(whole / "metrics.jsonl") if '"n_scales"' in x] == [18] * 6

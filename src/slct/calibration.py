@@ -27,16 +27,18 @@ def bounds_of_c(obj, latent_shape) -> tuple[float, float]:
     return lo, hi
 
 
-def stage_c(model, objective, dataset, cfg, state, device, dist, logger, target=None) -> float | None:
+def stage_c(model, objective, dataset, cfg, state, device, dist, logger, target=None,
+            ema_target=None) -> float | None:
     """The measured c of this step's curriculum stage, measured at the stage's first step and kept in
     ``state.c_table``; None unless ``c_schedule`` is "calibrated". ``target``: the model that makes the objective's
-    targets when it is not the online one (distillation's teacher, an EMA target)."""
+    targets when it is not the online one (distillation's teacher); ``ema_target``: the target network of
+    ``objective.target_ema`` > 0."""
     obj = cfg.objective
     if not uses_curriculum(obj) or obj.c_schedule != CALIBRATED:
         return None
     n = num_scales(state.step, cfg.train.total_steps, obj.s0, obj.s1, obj.min_stage_steps)
     if str(n) not in state.c_table:
-        c, count = measure_c(model, objective, dataset, cfg, state.step, device, dist, target)
+        c, count = measure_c(model, objective, dataset, cfg, state.step, device, dist, target, ema_target)
         state.c_table[str(n)] = c
         knee = LOSSES[obj.loss].knee
         lo, hi = bounds_of_c(obj, dataset.latent_shape)
@@ -48,7 +50,8 @@ def stage_c(model, objective, dataset, cfg, state, device, dist, logger, target=
 
 
 @torch.no_grad()
-def measure_c(model, objective, dataset, cfg, step: int, device, dist, target=None) -> tuple[float, int]:
+def measure_c(model, objective, dataset, cfg, step: int, device, dist, target=None,
+              ema_target=None) -> tuple[float, int]:
     """Measure r on ``objective.c_calibration_batches`` batches (no gradients; drawn from their own seed stream, so
     the training batches are untouched) and return (calibrated c, number of pairs). Every rank measures its share
     of each global batch; the quantile is taken over all of them."""
@@ -67,7 +70,7 @@ def measure_c(model, objective, dataset, cfg, step: int, device, dist, target=No
         if obj.coupling == "ot":
             noise = noise[ot_coupling(x0, noise)]
         terms = objective(model, x0.to(device), step, noise=noise.to(device), indices=indices, dropout_seed=seed, c=1.0,
-                          target_model=target)
+                          target_model=target, ema_target=ema_target)
         rs.append(terms.r.float().cpu())
     r = torch.cat([torch.as_tensor(part) for part in distributed.gather_objects(torch.cat(rs))])
     knee = LOSSES[obj.loss].knee

@@ -76,9 +76,13 @@ class PowerEMA:
         return (1 - 1 / step) ** (self.gamma + 1)  # step >= 1: the number of updates so far, this one included
 
 
-def profiles_from_config(train_cfg) -> list:
-    """The EMA profiles a run tracks: fixed decays, the ramp-up EMA, the power EMAs (``train.ema_*`` keys)."""
-    out: list = [FixedDecay(float(d)) for d in train_cfg.ema_decays]
+def profiles_from_config(train_cfg, target_ema: float = 0.0) -> list:
+    """The EMA profiles a run tracks: fixed decays, the ramp-up EMA, the power EMAs (``train.ema_*`` keys), and the
+    consistency target network's decay (``objective.target_ema`` > 0) unless a fixed decay already is it."""
+    decays = [float(d) for d in train_cfg.ema_decays]
+    out: list = [FixedDecay(d) for d in decays]
+    if target_ema > 0 and float(target_ema) not in decays:
+        out.append(FixedDecay(float(target_ema)))
     if train_cfg.ema_rampup_ratio > 0:
         out.append(RampUp(train_cfg.ema_rampup_ratio, train_cfg.ema_halflife_nimg))
     out += [PowerEMA(float(s)) for s in train_cfg.ema_power_stds]

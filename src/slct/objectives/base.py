@@ -245,6 +245,7 @@ class Objective:
     precond_kind: str  # Precond kind the network is trained through
     sync_gradients_manually = False  # True: the loop all-reduces gradients itself (forward-mode AD bypasses DDP)
     flow_map = True  # flow objectives: the network's u(x, t, h) is meaningful for h > 0 (False: flow matching)
+    takes_ema_target = False  # True: _terms takes ema_target (the consistency objectives' objective.target_ema)
 
     def __init__(self, cfg, total_steps: int):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -288,17 +289,20 @@ class Objective:
         dropout_seed: int | None = None,
         c: float | None = None,
         target_model: Callable[..., torch.Tensor] | None = None,
+        ema_target: Callable[..., torch.Tensor] | None = None,
     ) -> LossTerms:
         """One loss evaluation; ``indices`` (int, ``(B,)``) and ``dropout_seed`` are optional
         pre-drawn randomness (see the class docstring); ``c`` overrides the c schedule (the
         training loop passes the measured c of ``c_schedule="calibrated"``); ``target_model``: the model
-        that makes the targets when ``target_weights`` names one (the training loop passes its EMA copy)."""
+        that makes the targets when ``target_weights`` names one (the training loop passes its EMA copy);
+        ``ema_target``: the consistency objectives' target network when ``objective.target_ema`` > 0."""
         _check_inputs(x0, labels, noise)
         x0 = x0.to(torch.promote_types(x0.dtype, torch.float32))
         if noise is None:
             noise = COUPLINGS[self.cfg.coupling](x0, randn(x0.shape, generator, x0.device))
+        extra = {"ema_target": ema_target} if self.takes_ema_target else {}
         return self._terms(model, x0, noise.to(x0.dtype), step, labels, generator, indices, dropout_seed, c,
-                           target_model)
+                           target_model, **extra)
 
     def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
         raise NotImplementedError

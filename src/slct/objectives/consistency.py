@@ -47,6 +47,9 @@ class ConsistencyFields:
     diffusion_weight: float = 5.0  # its weight w (authors' code: 5; paper form: 1) [4]
     diffusion_weighting: str = "edm"  # "edm": x (1/s^2 + 1/sd^2) (code) | "none" (paper) [4]
     diffusion_sigma: str = "hi"  # "hi": reuse the online pass at t_{i+1} (code) | "lo": extra pass at t_i (paper) [4]
+    # the target network: 0 = the online network itself (iCT's mu = 0, [2]); mu > 0 = an EMA of the online weights
+    # with this decay, updated after every step (the original CT/CD; openai's consistency distillation: 0.95)
+    target_ema: float = 0.0
 
 
 def validate_consistency(cfg) -> None:
@@ -63,6 +66,9 @@ def validate_consistency(cfg) -> None:
         raise ValueError(f"c_schedule 'calibrated' puts r at a robust loss's knee; the {cfg.loss!r} loss has no c: "
                          f"use one of {knees} or another c_schedule")
     check_choice("diffusion_weighting", cfg.diffusion_weighting, DIFFUSION_WEIGHTINGS)
+    if not (isinstance(cfg.target_ema, (int, float)) and 0 <= cfg.target_ema < 1):
+        raise ValueError(f"target_ema must be in [0, 1) (0: the online network, iCT's; 0.95: openai's CD), got "
+                         f"{cfg.target_ema!r}")
     check_choice("diffusion_sigma", cfg.diffusion_sigma, DIFFUSION_SIGMAS)
     for name in ("p_std", "diffusion_weight"):
         check_positive(name, getattr(cfg, name), allow_zero=name == "diffusion_weight")
@@ -112,6 +118,7 @@ class ConsistencyObjective(Objective):
     """
 
     precond_kind = "consistency"
+    takes_ema_target = True
 
     @staticmethod
     def draw_times(cfg, step: int, total_steps: int, batch: int, generator) -> torch.Tensor:
@@ -120,9 +127,15 @@ class ConsistencyObjective(Objective):
         return sample_timestep_indices(n, batch, cfg.p_mean, cfg.p_std, generator=generator,
                                        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, rho=cfg.rho)
 
-    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None) -> LossTerms:
-        """``indices``: lower indices in ``[0, N - 2]``; ``target``: the teacher of distillation (see there)."""
+    def _terms(self, model, x0, z, step, labels, generator, indices, dropout_seed, c, target=None,
+               ema_target=None) -> LossTerms:
+        """``indices``: lower indices in ``[0, N - 2]``; ``target``: the teacher of distillation (see there);
+        ``ema_target``: the target network when ``target_ema`` > 0 (the EMA of the online weights)."""
         cfg, teacher = self.cfg, target
+        if cfg.target_ema > 0 and ema_target is None:
+            raise ValueError("objective.target_ema > 0 needs the EMA target network as ema_target (slct.training "
+                             "passes it)")
+        target_net = ema_target if cfg.target_ema > 0 else model
         device, batch = x0.device, x0.shape[0]
         n_scales = num_scales(step, self.total_steps, cfg.s0, cfg.s1, cfg.min_stage_steps)
         if c is None:
@@ -154,7 +167,7 @@ class ConsistencyObjective(Objective):
         with seeded_rng(seed, device):
             online = model(x0 + per_sample(sigma_hi, x0) * z, sigma_hi, labels)
         with torch.no_grad(), seeded_rng(seed, device):
-            target = model(self._target_input(x0, z, sigma_lo, sigma_hi, labels, teacher), sigma_lo, labels)
+            target = target_net(self._target_input(x0, z, sigma_lo, sigma_hi, labels, teacher), sigma_lo, labels)
         online = online.to(x0.dtype)
         target = target.detach().to(x0.dtype)
         consistency = weight * robust_loss(cfg.loss, online, target, c, cfg.loss_reduction)  # eq. 4

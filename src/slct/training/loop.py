@@ -129,22 +129,21 @@ def _loop(run: rundir.Run, objective, dataset, logger: Monitor, until_step: int 
     stop_step = min(total, until_step) if until_step is not None else total
     prefetch = cfg.train.prefetch_batches
     pipeline = BatchPipeline(dataset, cfg, dist.rank, dist.world_size, state.step, device, prefetch)
-    target = _target_model(run, objective)
+    target, ema_target = _target_model(run, objective), _ema_target_model(run)
     health = Health()
     slice_start = time.time()
     try:
         with StopSignals() as signals:
             while state.step < stop_step:
                 batch = next(pipeline)
-                c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger, target)
+                _refresh_targets(run, objective, target, ema_target)  # the EMAs as they stand after the last step
+                c_now = stage_c(model, objective, dataset, cfg, state, device, dist, logger, target, ema_target)
                 lr = learning_rate(cfg.optim, state.step, state.lr_scale, stage_start(cfg, state.step),
                                    cfg.train.total_steps)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                if objective.target_weights == "ema":  # the EMA as it stands after the last step
-                    target.load_state_dict(run.ema.weights(default_ema(run.ema.names, cfg.train.ema_default)))
                 loss_value, norm = _forward_backward(run, train_model, objective, batch, c_now, manual_sync,
-                                                     logger, loss_hook, target)
+                                                     logger, loss_hook, target, ema_target)
                 finite = math.isfinite(loss_value) and math.isfinite(norm)
                 in_time = max_minutes is None or (time.time() - slice_start) / 60 < max_minutes
                 # one all-reduce agrees on all three, so every rank takes the same branch below
@@ -226,7 +225,7 @@ def _build_run(cfg: Config, run_dir: Path, dataset, device, dist) -> tuple[rundi
         # a resumed run restores its checkpoint: the source is not read again (it may be gone by then)
         meta["init"] = recorded_init(run_dir) or load_init(cfg.train.init, model, meta, cfg.network.name)
     optimizer = build_optimizer(cfg.optim, model)
-    ema = EMA(model, profiles_from_config(cfg.train))
+    ema = EMA(model, profiles_from_config(cfg.train, cfg.objective.target_ema))
     objective = build_objective(cfg.objective, cfg.train.total_steps)
     teacher = None
     if objective.target_weights == "teacher":
@@ -248,7 +247,7 @@ def _open_run_dir(run: rundir.Run, resume: str, dataset, device) -> tuple[rundir
             if ckpt_path is None and dist.world_size > 1:  # identical initial weights everywhere
                 for t in run.model.state_dict().values():
                     torch.distributed.broadcast(t, src=0)
-                run.ema = EMA(run.model, profiles_from_config(run.cfg.train))
+                run.ema = EMA(run.model, profiles_from_config(run.cfg.train, run.cfg.objective.target_ema))
             if dist.is_main:
                 rundir.write_run_files(run, count_parameters(run.model), len(dataset), device)
             if ckpt_path is None:  # a step-0 checkpoint: the rollback target always exists
@@ -272,8 +271,27 @@ def _target_model(run: rundir.Run, objective) -> torch.nn.Module | None:
     return target
 
 
+def _ema_target_model(run: rundir.Run) -> torch.nn.Module | None:
+    """The consistency target network when ``objective.target_ema`` > 0: a frozen copy of the network in the online
+    one's mode (the same dropout mask), loaded from that EMA before every step; None for iCT's mu = 0."""
+    if run.cfg.objective.target_ema <= 0:
+        return None
+    target = copy.deepcopy(run.model)
+    target.requires_grad_(False)
+    return target
+
+
+def _refresh_targets(run: rundir.Run, objective, target, ema_target) -> None:
+    """Load the target networks that follow an EMA with that EMA's current weights."""
+    cfg = run.cfg
+    if objective.target_weights == "ema":
+        target.load_state_dict(run.ema.weights(default_ema(run.ema.names, cfg.train.ema_default)))
+    if ema_target is not None:
+        ema_target.load_state_dict(run.ema.weights(str(float(cfg.objective.target_ema))))
+
+
 def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, manual_sync: bool, logger,
-                      loss_hook, target=None) -> tuple[float, float]:
+                      loss_hook, target=None, ema_target=None) -> tuple[float, float]:
     """The loss and its gradients over the step's micro-batches; returns (last micro-batch loss, gradient norm of
     the loss as the objective gives it) with one device sync. With ``optim.grad_scale_beta`` the loss is divided by
     the running mean of its gradient norm before the backward pass, so Adam sees gradients of a steady scale."""
@@ -289,7 +307,8 @@ def _forward_backward(run: rundir.Run, train_model, objective, batch, c_now, man
         with (contextlib.nullcontext() if sync else train_model.no_sync()):
             with autocast:
                 terms = objective(train_model, mb.x0, state.step, labels=mb.labels, noise=mb.noise,
-                                  indices=mb.indices, dropout_seed=mb.dropout_seed, c=c_now, target_model=target)
+                                  indices=mb.indices, dropout_seed=mb.dropout_seed, c=c_now, target_model=target,
+                                  ema_target=ema_target)
             loss = terms.total.mean()
             if loss_hook is not None:
                 loss = loss_hook(state.step, loss)
