@@ -56,8 +56,8 @@ def measure(name: str, seed: int = 0) -> dict:
     def count(module, args):
         rows["grad" if torch.is_grad_enabled() else "no_grad"] += args[0].shape[0]
 
-    handles = [model.net.register_forward_pre_hook(count)]
     objective = build_objective(cfg.objective, steps)
+    handles = []  # hooks go on after the copies below are made (a deep copy would carry them along)
     kwargs = {}
     if objective.target_weights == "teacher":
         teacher = build_model(load_config("ldm", "utkface64"), LATENT_SHAPE, 0).eval().requires_grad_(False)
@@ -69,6 +69,13 @@ def measure(name: str, seed: int = 0) -> dict:
         target = copy.deepcopy(model).eval().requires_grad_(False)
         handles.append(target.net.register_forward_pre_hook(count))
         kwargs["target_model"] = target
+    if cfg.objective.target_ema > 0:  # the EMA target network: another copy of the student
+        import copy
+
+        ema_target = copy.deepcopy(model).requires_grad_(False)
+        handles.append(ema_target.net.register_forward_pre_hook(count))
+        kwargs["ema_target"] = ema_target
+    handles.append(model.net.register_forward_pre_hook(count))
     batch = cfg.train.batch_size
     x0 = torch.randn(batch, *LATENT_SHAPE)
     with FlopCounterMode(display=False) as counter:

@@ -134,10 +134,27 @@ class Plan:
     budget: int
     teacher_steps: int
     seeds: list = field(default_factory=list)
+    # --match seconds: entry -> seconds per step measured in the image-matched board (the same machine and jobs side
+    # by side); each entry then trains for the seconds ldm's budget took instead of the same number of images
+    seconds: dict | None = None
 
     @property
     def root(self) -> Path:
-        return self.work / f"leaderboard-{self.budget}steps"
+        return self.work / f"leaderboard-{self.budget}steps{'-seconds' if self.seconds else ''}"
+
+    @property
+    def stem(self) -> str:
+        return f"leaderboard-utkface64-{self.budget}steps{'-seconds' if self.seconds else ''}"
+
+    def own_steps(self, name: str) -> int:
+        """The entry's own training steps: the budget less the teacher's (image-matched), or with ``seconds`` the
+        steps that fit in ldm's budget time, the teacher's time taken out first (wall-clock-matched)."""
+        entry = ENTRIES[name]
+        if self.seconds is None:
+            return entry.own_steps(self.budget, self.teacher_steps)
+        bar = self.seconds["ldm"]
+        left = (self.budget - (self.teacher_steps if entry.source else 0)) * bar
+        return max(1, round(left / self.seconds[name]))
 
     @property
     def mid(self) -> int:
@@ -168,7 +185,7 @@ class Task:
 
 def train_command(plan: Plan, name: str, seed: int, data: Path) -> list[str]:
     entry = ENTRIES[name]
-    steps = entry.own_steps(plan.budget, plan.teacher_steps)
+    steps = plan.own_steps(name)
     cmd = ["train", "--preset", entry.preset, "--data-preset", "utkface64", "--data", str(data),
            "--out", str(plan.run(name, seed)), "--steps", str(steps), "--seed", str(seed), "--no-progress",
            "--set", "train.ema_power_every_steps=0"]
@@ -204,7 +221,7 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
         names.insert(0, "ldm")
     groups = []  # (seed, the run's tasks)
     for name in names:
-        steps = ENTRIES[name].own_steps(plan.budget, plan.teacher_steps)
+        steps = plan.own_steps(name)
         for seed in plan.seeds:
             run = plan.run(name, seed)
             final = run / f"snapshot-{steps:08d}.pt"
@@ -294,11 +311,16 @@ def collect(plan: Plan, a) -> list[dict]:
     """One row per (entry, seed, NFE, step) evaluated: the final step and, for runs from scratch, the middle one
     (and for ldm the teacher's step)."""
     rows = []
+    archive = archived_rows(a)
     for name in a.entries:
         entry = ENTRIES[name]
-        own = entry.own_steps(plan.budget, plan.teacher_steps)
+        own = plan.own_steps(name)
         for seed in plan.seeds:
             run = plan.run(name, seed)
+            if not run.exists():  # trained on a machine that is gone: its rows as the --archive report holds them
+                rows += [{**r, "archived": True} for r in archive
+                         if r["entry"] in (name, f"{name}@heun") and r["seed"] == seed]
+                continue
             teacher = plan.teacher_steps if entry.source else 0
             speed = seconds_per_step(run)  # once per run, not per evaluated row
             evaluated = [(step, step == own, eval_file(run, step, a.n_eval, step == own), name)
@@ -317,6 +339,39 @@ def collect(plan: Plan, a) -> list[dict]:
                                      teacher_steps=teacher, images=(own + teacher) * a.batch,
                                      sec_per_step=speed))
     return rows
+
+
+def archive_note(rows: list[dict], a) -> list[str]:
+    """Which rows come from an archived report, and on what machine those runs trained (their s/step is its)."""
+    entries = sorted({r["entry"] for r in rows if r.get("archived")})
+    if not entries:
+        return []
+    where = "; ".join(sorted({r["trained_on"] for r in rows if r.get("archived")}))
+    return [f"- Runs whose folders are gone are reported from the archived report ({where}): "
+            f"{', '.join(entries)}; their s/step is that machine's"]
+
+
+def archives(a) -> list[Path]:
+    suffix = "-seconds" if getattr(a, "match", "images") == "seconds" else ""
+    default = [ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps{suffix}.json"]
+    return [Path(p) for p in (default if getattr(a, "archive", None) is None else a.archive)]
+
+
+def archived_rows(a) -> list[dict]:
+    """The run rows of the ``--archive`` reports (committed leaderboard JSONs of this budget), the first report
+    that holds a run winning: a run whose folder is gone (a new machine) is reported from there, not dropped."""
+    out, seen = [], set()
+    for path in archives(a):
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        meta = report.get("meta", {})
+        origin = f"{meta.get('machine', {}).get('cpu', 'an earlier machine')}, {meta.get('date', 'earlier')}"
+        for r in report.get("runs", []):
+            if (r["entry"], r["seed"], r["nfe"], r["step"]) not in seen:
+                out.append({"trained_on": origin, **r})  # a row archived twice keeps where it first ran
+        seen |= {(r["entry"], r["seed"], r["nfe"], r["step"]) for r in out}
+    return out
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -431,14 +486,23 @@ def stage_rows(plan: Plan, a) -> list[dict]:
             out.append(dict(entry=name, n_scales=n, seeds=len(rows),
                             grad_norm_median=sum(r["grad_norm_median"] for r in rows) / len(rows),
                             adam_step_rms_max=sum(adam) / len(adam) if adam else None))
+    have = {r["entry"] for r in out}
+    for path in archives(a):  # entries without a run here: their stage rows as archived
+        if path.exists():
+            old_rows = [r for r in json.loads(path.read_text()).get("stages", [])
+                        if r["entry"] in a.entries and r["entry"] not in have]
+            out += old_rows
+            have |= {r["entry"] for r in old_rows}
     return out
 
 
 def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str) -> None:
     """The sample grids of every entry's first seed and the FD curves (steps counted with the teacher's)."""
     named = [(name, plan.run(name, plan.seeds[0]) /
-              f"snapshot-{ENTRIES[name].own_steps(plan.budget, plan.teacher_steps):08d}.pt") for name in a.entries]
-    ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", results / f"{stem}-samples.jpg")
+              f"snapshot-{plan.own_steps(name):08d}.pt") for name in a.entries]
+    grid = results / f"{stem}-samples.jpg"
+    if all(p.exists() for _, p in named) or not grid.exists():  # else: the earlier grid, which has every entry
+        ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", grid)
     ablation.figure_curves([dict(method=r["entry"], nfe=r["nfe"], n=a.n_eval, step=r["teacher_steps"] + r["step"],
                                  fd=r["fd"]) for r in rows if r["nfe"] in (1, 35)], results / f"{stem}-curves.png")
 
@@ -476,7 +540,7 @@ def report(plan: Plan, a, results: Path) -> Path:
     summary = summarize(rows)
     judged, curves, stages = verdicts(summary), curve_checks(plan, summary), stage_rows(plan, a)
     pairs = comparisons(summary)
-    stem = f"leaderboard-utkface64-{plan.budget}steps"
+    stem = plan.stem
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = machine()
@@ -486,12 +550,18 @@ def report(plan: Plan, a, results: Path) -> Path:
                   n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries}),
         summary=summary, verdicts=judged, curves=curves, comparisons=pairs, stages=stages, runs=rows), indent=2,
         default=list) + "\n")
-    lines = [f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all", "",
+    title = (f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all"
+             if plan.seconds is None else
+             f"# Wall-clock-matched leaderboard: UTKFace 64 px, TAEF2, unet-small, each entry trained for the seconds "
+             f"ldm's {plan.budget} steps took ({plan.budget * plan.seconds['ldm'] / 60:.0f} min at "
+             f"{plan.seconds['ldm']:.2f} s/step, the teacher's share included)")
+    lines = [title, "",
              f"- Machine: {info['cpu']}, {info['cpu_cores']} cores, torch {info['torch']}; {a.jobs} runs side by "
              "side, each on its share of the cores (s/step is per run)",
              f"- Command: `{command}` ({date})",
              f"- FD-MobileNetV2 of {a.n_eval} samples against the held-out faces, ramp-up EMA; teacher: the ldm run at "
-             f"step {plan.teacher_steps}, counted in the budget of the entries that use it", "",
+             f"step {plan.teacher_steps}, counted in the budget of the entries that use it",
+             *archive_note(rows, a), "",
              "| entry | NFE | FD | precision | recall | own + teacher steps | images | s/step | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in (s for s in summary if s["final"]):
@@ -557,6 +627,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="the utkface64 preset's batch (for the images column)")
     p.add_argument("--entries", nargs="+", default=list(ENTRIES), choices=list(ENTRIES), help="in the order they run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--match", choices=["images", "seconds"], default="images",
+                   help="images: every entry sees the budget's images (teacher's included); seconds: every entry "
+                   "trains for the seconds ldm's budget took, from the s/step of the image-matched report "
+                   "(results/leaderboard-utkface64-BUDGETsteps.json), in its own folder and report (-seconds)")
+    p.add_argument("--archive", nargs="*", default=None,
+                   help="committed reports whose runs' folders are gone: their rows are reported from there "
+                   "(default: results/leaderboard-utkface64-BUDGETsteps.json; give none for only the runs here)")
     p.add_argument("--seed-first", action="store_true",
                    help="run every entry's first seed before any second seed (a partial board covers every entry)")
     p.add_argument("--n-eval", type=int, default=1000)
@@ -567,13 +644,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def measured_seconds(a) -> dict:
+    """Seconds per step of every entry on the board, from the image-matched report of this budget (its runs ran
+    side by side on one machine): what --match seconds divides ldm's budget time by."""
+    path = ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps.json"
+    if not path.exists():
+        sys.exit(f"--match seconds needs the image-matched report {path} (run the board with --match images first)")
+    speeds = {}
+    for s in json.loads(path.read_text())["summary"]:
+        if s["final"] and s.get("sec_per_step") and s["entry"] in ENTRIES:
+            speeds.setdefault(s["entry"], s["sec_per_step"])
+    missing = [e for e in ("ldm", *a.entries) if e not in speeds]
+    if missing:
+        sys.exit(f"--match seconds: no measured s/step for {', '.join(dict.fromkeys(missing))} in {path}; train them "
+                 "image-matched first")
+    return speeds
+
+
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
     if not 0 < a.teacher_steps < a.budget:
         sys.exit("--teacher-steps must lie between 0 and --budget")
     if a.jobs < 1:
         sys.exit("--jobs must be at least 1")
-    plan = Plan(Path(a.work), a.budget, a.teacher_steps, a.seeds)
+    seconds = None if a.match == "images" else measured_seconds(a)
+    plan = Plan(Path(a.work), a.budget, a.teacher_steps, a.seeds, seconds)
     work = Path(a.work)
     a.steps, a.minutes = a.budget, None  # what ablation's data and reference stages read
     data = work / f"utk{a.resolution}-train"

@@ -296,3 +296,19 @@ def test_a_run_with_an_ema_target_tracks_it_and_resumes_bitwise(tmp_path):
     assert "0.95" in a["ema"]["names"]  # the target network is an EMA of the run, checkpointed with the others
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [json.loads(x)["n_scales"] for x in open(whole / "metrics.jsonl") if '"n_scales"' in x] == [18] * 6
+
+
+def test_compute_counts_the_passes_of_a_training_step():
+    """benchmarks/compute.py: ldm and fm take one back-propagated pass per image; iLCT adds a no-grad target pass;
+    SoFlow's target pass covers its 25% consistency rows only; CD as published: two teacher passes (Heun) and the
+    EMA target's."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compute.py"
+    spec = importlib.util.spec_from_file_location("slct_bench_compute", path)
+    compute = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = compute
+    spec.loader.exec_module(compute)
+    rows = {name: compute.measure(name) for name in ("ldm", "fm", "ilct", "soflow", "ilcd-published")}
+    passes = {k: (r["grad_rows_per_image"], r["no_grad_rows_per_image"]) for k, r in rows.items()}
+    assert passes == {"ldm": (1, 0), "fm": (1, 0), "ilct": (1, 1), "soflow": (1, 0.25), "ilcd-published": (1, 3)}
+    assert rows["fm"]["gflop_per_image"] == pytest.approx(rows["ldm"]["gflop_per_image"], rel=1e-3)
+    assert rows["ldm"]["gflop_per_image"] < rows["soflow"]["gflop_per_image"] < rows["ilct"]["gflop_per_image"]

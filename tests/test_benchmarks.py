@@ -403,8 +403,16 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
                  dict(stage_n_scales=21, grad_norm_median=4.0, adam_step_rms_max=0.2 * (seed + 1))]
         (plan.run("slct", seed) / "metrics.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in [dict(step=25, loss=1.0), *stage]))
-    a.entries = ["ldm", "ilct-tuned", "slct", "ilct", "soflow"]
+    # an entry trained on a machine that is gone: reported from the archived report's rows
+    archive = tmp_path / "old.json"
+    archive.write_text(json.dumps({"runs": [dict(entry="shortcut", seed=s, nfe=1, step=100, final=True, fd=130.0 + s,
+                                                 precision=0.5, recall=0.1, own_steps=100, teacher_steps=0,
+                                                 images=6400, sec_per_step=0.5) for s in range(3)],
+                                   "stages": []}))
+    a.archive = [str(archive)]
+    a.entries = ["ldm", "ilct-tuned", "slct", "ilct", "soflow", "shortcut"]
     md = board.report(plan, a, tmp_path / "results").read_text()
+    assert "| shortcut | 1 | 131.0 +- 1.0 |" in md
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
     assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
            "sd: **yes**" in md
@@ -445,3 +453,20 @@ def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path,
     assert log.read_text().split() == ["b", "a", "c"] and not d.exists()
     assert board.run_tasks(todo[:2], jobs=2, threads=1) == 0  # all done: nothing runs again
     assert log.read_text().split() == ["b", "a", "c"]
+
+
+def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_budget(tmp_path):
+    """--match seconds: own steps = (budget - teacher's steps if it uses the teacher) x ldm's s/step / its s/step,
+    in its own folder and report; every entry needs a measured s/step."""
+    board = _module("leaderboard")
+    seconds = {"ldm": 0.5, "soflow": 1.0, "ilct-tuned": 0.25}
+    plan = board.Plan(tmp_path, 2000, 1500, [0], seconds)
+    assert (plan.own_steps("ldm"), plan.own_steps("soflow"), plan.own_steps("ilct-tuned")) == (2000, 1000, 1000)
+    assert plan.root.name == "leaderboard-2000steps-seconds" and plan.stem.endswith("-seconds")
+    assert board.Plan(tmp_path, 2000, 1500, [0]).own_steps("soflow") == 2000  # image-matched
+    a = board.parser().parse_args(["--work", str(tmp_path), "--match", "seconds", "--entries", "soflow"])
+    todo = board.tasks(plan, a, tmp_path / "data", tmp_path / "ref.npz")
+    assert todo[0].args[todo[0].args.index("--steps") + 1] == "1000" and "-seconds" in str(todo[0].done)
+    a = board.parser().parse_args(["--budget", "123", "--match", "seconds"])
+    with pytest.raises(SystemExit, match="needs the image-matched report"):
+        board.measured_seconds(a)

@@ -248,12 +248,13 @@ def plot_analysis(panels: dict[tuple[str, str], tuple[np.ndarray, dict, str, str
 
 def format_table(report: dict) -> str:
     """One row per analysed space: quartiles, extremes, fence fractions and kurtosis of all values pooled."""
-    head = (f"{'':18s} {'values':>9s} {'min':>8s} {'q1':>7s} {'median':>7s} {'q3':>7s} {'max':>8s} "
+    width = max([18, *(len(name) for name in report["panels"])])
+    head = (f"{'':{width}s} {'values':>9s} {'min':>8s} {'q1':>7s} {'median':>7s} {'q3':>7s} {'max':>8s} "
             f"{'>inner':>8s} {'>outer':>8s} {'ex.kurt':>8s}")
     lines = [head, "-" * len(head)]
     for name, stats in report["panels"].items():
         a = stats["all"]
-        lines.append(f"{name:18s} {a['count']:9d} {a['min']:8.3f} {a['q1']:7.3f} {a['median']:7.3f} {a['q3']:7.3f} "
+        lines.append(f"{name:{width}s} {a['count']:9d} {a['min']:8.3f} {a['q1']:7.3f} {a['median']:7.3f} {a['q3']:7.3f} "
                      f"{a['max']:8.3f} {100 * a['beyond_inner']:7.3f}% {100 * a['beyond_outer']:7.3f}% "
                      f"{a['excess_kurtosis']:8.2f}")
     return "\n".join(lines)
@@ -287,8 +288,10 @@ def _td_panels(spaces: dict[str, np.ndarray], manifest: dict, latent_shape: tupl
 def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: bool = False, limit: int | None = 4096,
             normalization: str = "per-channel", network: str | None = None, n_scales: int = 21,
             checkpoint: str | os.PathLike | None = None, td_samples: int = 256, seed: int = 0,
-            device: str = "cpu", num_workers: int | None = None, progress: bool = False) -> dict:
-    """Analyse a latent dataset; writes ``analysis.png`` and ``analysis.json`` to ``out_dir`` and returns the report.
+            device: str = "cpu", num_workers: int | None = None, progress: bool = False,
+            return_panels: bool = False) -> dict:
+    """Analyse a latent dataset; writes ``analysis.png`` and ``analysis.json`` to ``out_dir`` and returns the report
+    (and, with ``return_panels``, the plotted panels too).
 
     Args:
         limit: samples used for the data statistics, spread evenly over the dataset (None: all).
@@ -325,7 +328,7 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
 
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "dataset": str(Path(data_dir)), "codec_id": manifest["codec_id"],
+        "dataset": str(Path(data_dir)), "codec_id": manifest["codec_id"], "codec": manifest.get("codec"),
         "image_resolution": manifest["image_resolution"], "latent_shape": manifest["latent_shape"],
         "samples": {name: int(len(x)) for name, x in spaces.items()}, "normalization": normalization,
         "fences_iqr": FENCES, "td": td_info,
@@ -333,7 +336,33 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
     }
     (out_dir / "analysis.json").write_text(json.dumps(report, indent=1))
     plot_analysis(panels, out_dir / "analysis.png")
+    if return_panels:
+        return report, panels
     return report
+
+
+def compare(data_dirs: list, out_dir: str | os.PathLike, **kwargs) -> dict:
+    """``slct analyze DIR DIR ...``: each dataset analysed into ``out_dir/NAME/`` as :func:`analyze` does, and
+    side by side in ``out_dir/comparison.png`` (one row per dataset and space, the TD column when a network is
+    given) and ``comparison.json`` (each dataset's pooled statistics): plain and outlier latents of the same images,
+    say (the paper's Fig. 1 against a controlled testbed)."""
+    out_dir = Path(out_dir)
+    names = [Path(d).name or str(d) for d in data_dirs]
+    names = [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]  # distinct folder names
+    reports, combined = {}, {}
+    for name, data_dir in zip(names, data_dirs):
+        report, panels = analyze(data_dir, out_dir / name, return_panels=True, **kwargs)
+        reports[name] = report
+        for (row, col), (x, stats, title, unit) in panels.items():
+            combined[(f"{name} {row}", col)] = (x, stats, f"{name}: {title}", unit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"datasets": {name: {"dataset": r["dataset"], "codec_id": r["codec_id"], "codec": r.get("codec"),
+                                   "panels": {k: v["all"] for k, v in r["panels"].items()}}
+                            for name, r in reports.items()}}
+    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=1))
+    plot_analysis(combined, out_dir / "comparison.png")
+    return {"panels": {f"{name} {k}": v for name, r in reports.items() for k, v in r["panels"].items()},
+            "reports": reports}
 
 
 def _refuse_flow(kind: str, path) -> None:

@@ -9,9 +9,11 @@ HELP = "box plots, fence fractions and kurtosis of latents (and pixels, and TDs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", metavar="DATA_DIR", help="latent dataset directory (from `slct encode`)")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="+",
+                   help="latent dataset directory (from `slct encode`); several: each analysed, and side by side in "
+                   "OUT/comparison.png (e.g. plain and --outliers latents of the same images)")
     p.add_argument("--out", default=None, help="output folder for analysis.png / analysis.json "
-                   "(None: DATA_DIR/analysis)")
+                   "(None: DATA_DIR/analysis; with several datasets: required)")
     p.add_argument("--pixels", action="store_true", help="also analyse the source images in pixel space")
     p.add_argument("--limit", type=int, default=4096, help="samples analysed, spread over the dataset (0: all)")
     p.add_argument("--normalization", default="per-channel", choices=["per-channel", "per-element", "none"],
@@ -31,13 +33,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slct.analyze import analyze, format_table
+    from slct.analyze import analyze, compare, format_table
 
-    out = Path(args.out) if args.out else Path(args.data_dir) / "analysis"
-    report = analyze(args.data_dir, out, pixels=args.pixels, limit=args.limit or None,
-                     normalization=args.normalization, network=args.network, n_scales=args.n_scales,
-                     checkpoint=args.checkpoint, td_samples=args.td_samples, seed=args.seed, device=args.device,
-                     num_workers=args.workers, progress=not args.no_progress)
+    options = dict(pixels=args.pixels, limit=args.limit or None, normalization=args.normalization,
+                   network=args.network, n_scales=args.n_scales, checkpoint=args.checkpoint,
+                   td_samples=args.td_samples, seed=args.seed, device=args.device, num_workers=args.workers,
+                   progress=not args.no_progress)
+    if len(args.data_dir) > 1:
+        if not args.out:
+            raise ValueError("several datasets are analysed side by side into one folder: pass --out DIR")
+        result = compare(args.data_dir, args.out, **options)
+        print(format_table(result))
+        print(f"wrote {Path(args.out) / 'comparison.png'} and {Path(args.out) / 'comparison.json'} (and one "
+              "analysis per dataset beside them)")
+        return 0
+    (data_dir,) = args.data_dir
+    out = Path(args.out) if args.out else Path(data_dir) / "analysis"
+    report = analyze(data_dir, out, **options)
     unit = "standard deviations" if args.normalization != "none" else "raw values"
     print(f"{report['dataset']}: {report['codec_id']}, {report['image_resolution']} px, data in {unit} "
           f"({args.normalization}); fences at {report['fences_iqr']['inner']} and {report['fences_iqr']['outer']} IQR")
