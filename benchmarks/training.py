@@ -6,7 +6,7 @@
 
 Each case is one `slct.train` run of ``--steps`` steps in a fresh process (so peak memory is its own), timed on
 its last ``--steps // 2`` steps (``sec_per_step`` of ``metrics.jsonl``). A case is ``METHOD:PRECISION[:compile]
-[:inline]``; ``inline`` prepares each batch (data, noise, OT coupling, timesteps) in the step instead of in the
+[:inline][:KEY=VALUE...]`` (config overrides, e.g. ``soflow:fp32:objective.soflow_target_rows=all``); ``inline`` prepares each batch (data, noise, OT coupling, timesteps) in the step instead of in the
 background thread, which shows what the coupling costs on the critical path. The OT share is the coupling's
 compute time over the step time (the paper: 0.93%).
 
@@ -50,6 +50,7 @@ def case_config(case: str, a) -> tuple:
             f"checkpoint.snapshot_every_steps={a.steps}", f"train.channels_last={a.device != 'cpu'}"]
     if a.network:
         sets.append(f"network.name={a.network}")
+    sets += [f for f in flags if "=" in f]  # KEY=VALUE flags: config overrides of this case
     return load_config(method, "utkface64", sets=sets, overrides={"data": {"path": a.data}}), method
 
 

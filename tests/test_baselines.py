@@ -4,6 +4,7 @@ as a fraction of the run, dropout), and the tuning sweep's plan and report (benc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -242,6 +243,10 @@ def test_soflow_target_pass_runs_on_the_consistency_rows_only_and_changes_no_bit
     w = 1 / (err + cfg.objective.soflow_eps) ** cfg.objective.soflow_p
     consistency = torch.where(fm, 0.0, -(u_t * (w.view(-1, 1, 1, 1) * q)).flatten(1).mean(1))
     assert torch.equal(terms.consistency.detach(), consistency)
+    sizes.clear()
+    every = dataclasses.replace(cfg.objective, soflow_target_rows="all")  # the pass over every row, as before
+    again = build_objective(every, 100)(model, x0, 5, noise=e, indices=rows, dropout_seed=0)
+    assert sizes == [16, 16] and torch.equal(again.total, terms.total)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -470,3 +470,17 @@ def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_bu
     a = board.parser().parse_args(["--budget", "123", "--match", "seconds"])
     with pytest.raises(SystemExit, match="needs the image-matched report"):
         board.measured_seconds(a)
+
+
+def test_digits_board_trains_scores_and_judges_against_the_best_baseline(tmp_path, monkeypatch):
+    """benchmarks/digits_board.py: each entry trained on the digits preset, scored as the demo scores itself at its
+    NFE; the bar is the best many-step baseline row at <= 35 NFE; one seed gives no verdict."""
+    board = _module("digits_board")
+    monkeypatch.setattr(board.ablation, "RESULTS", tmp_path)
+    board.main(["--work", str(tmp_path / "runs"), "--steps", "3", "--seeds", "0", "--n-eval", "40",
+                "--entries", "fm", "soflow"])
+    data = json.loads((tmp_path / "digits-board-3steps.json").read_text())
+    rows = {(s["entry"], s["nfe"]) for s in data["summary"]}
+    assert rows == {("fm", k) for k in (2, 5, 9, 17, 35)} | {("soflow", k) for k in (1, 2, 4)}
+    assert data["bar"]["entry"] == "fm" and all(v["beats"] is None for v in data["verdicts"])
+    assert "not decided (fewer than 3 seeds a side)" in (tmp_path / "digits-board-3steps.md").read_text()

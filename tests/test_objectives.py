@@ -75,7 +75,8 @@ def test_config_defaults_are_the_released_recipe():
         meanflow_boundary_fraction=0.0, shortcut_max_steps=128,
         shortcut_bootstrap=0.25, shortcut_targets="online", soflow_fm_fraction=0.75, soflow_t_mean=0.2,
         soflow_t_std=0.8, soflow_s_mean=-1.0, soflow_s_std=0.8, soflow_fm_t_mean=-0.2, soflow_fm_t_std=1.0,
-        soflow_r_init=0.1, soflow_r_end=0.002, soflow_p=1.0, soflow_eps=0.01)
+        soflow_r_init=0.1, soflow_r_end=0.002, soflow_p=1.0, soflow_eps=0.01,
+        soflow_target_rows="consistency")
     assert ObjectiveConfig().validate() == ObjectiveConfig()
 
 

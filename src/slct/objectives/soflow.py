@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from slct.objectives.base import (LossTerms, Objective, check_adaptive_weight, check_draws, check_finite,
-                                  check_fraction, check_positive, check_seed, draw_seed, flow_equivalent_sigma,
-                                  per_sample, randn, register_objective, seeded_rng)
+from slct.objectives.base import (LossTerms, Objective, check_adaptive_weight, check_choice, check_draws,
+                                  check_finite, check_fraction, check_positive, check_seed, draw_seed,
+                                  flow_equivalent_sigma, per_sample, randn, register_objective, seeded_rng)
 
 MIN_GAP = 1e-4  # the smallest t - s and t - l: the difference quotient needs a gap
 
@@ -44,6 +44,9 @@ class SoFlowFields:
     soflow_r_end: float = 0.002  # ... and at the last (0.002); exponential in between
     soflow_p: float = 1.0  # adaptive weight 1 / (mse + eps)^p (their ImageNet: 1.0)
     soflow_eps: float = 0.01  # ... and its eps (0.01)
+    # the no-grad target pass f(x_l, l, s): on the consistency rows only (the authors'; the same loss, bitwise, for
+    # a network without dropout) or on "all" rows (slct before; kept to measure what it cost: benchmarks/training.py)
+    soflow_target_rows: str = "consistency"
 
 
 def validate_soflow(cfg) -> None:
@@ -53,6 +56,7 @@ def validate_soflow(cfg) -> None:
     for name in ("soflow_t_std", "soflow_s_std", "soflow_fm_t_std"):
         check_positive(name, getattr(cfg, name))
     check_adaptive_weight("soflow_p", cfg.soflow_p, "soflow_eps", cfg.soflow_eps)
+    check_choice("soflow_target_rows", cfg.soflow_target_rows, ("consistency", "all"))
     for name in ("soflow_r_init", "soflow_r_end"):
         value = getattr(cfg, name)
         check_finite(name, value)
@@ -117,7 +121,8 @@ class SoFlowObjective(Objective):
         # dropout the target rows draw their own mask)
         xl = x0 + per_sample(l, x0) * v
         u_l = torch.zeros_like(x0)
-        rows = (~fm_cpu).nonzero().squeeze(1).to(device)
+        every = cfg.soflow_target_rows == "all"
+        rows = (torch.ones_like(fm_cpu) if every else ~fm_cpu).nonzero().squeeze(1).to(device)
         if len(rows):
             lab = labels[rows.to(labels.device)] if labels is not None else None
             with torch.no_grad(), seeded_rng(seed, device):
