@@ -524,14 +524,18 @@ def compute_lines(path: Path, entries) -> list[str]:
         return []
     rows = {r["entry"]: r for r in json.loads(path.read_text())["rows"]}
     base = rows.get("ldm", {}).get("gflop_per_image")
-    out = ["Cost per training step, counted (`python benchmarks/compute.py`): backbone rows per image with and "
-           "without gradient, GFLOP per image (forward + backward), and the ratio to ldm's:", "",
-           "| entry | rows with grad | rows without grad | GFLOP / image | x ldm |", "|---|---:|---:|---:|---:|"]
+    timed = any("sec_per_step" in r for r in rows.values())
+    out = ["Cost per training step (`python benchmarks/compute.py`, [its report](compute-utkface64.md)): backbone "
+           "rows per image with and without gradient, GFLOP per image (forward + backward), the ratio to ldm's"
+           + (", and the median step time of the entries timed in turn on one machine" if timed else "") + ":", "",
+           "| entry | rows with grad | rows without grad | GFLOP / image | x ldm |" + (" ms / step |" if timed else ""),
+           "|---|---:|---:|---:|---:|" + ("---:|" if timed else "")]
     for name in (e for e in entries if e in rows):
         r = rows[name]
         ratio = f"{r['gflop_per_image'] / base:.2f}" if base else "-"
+        ms = (f" {1000 * r['sec_per_step']:.0f} |" if "sec_per_step" in r else " - |") if timed else ""
         out.append(f"| {name} | {r['grad_rows_per_image']:.2f} | {r['no_grad_rows_per_image']:.2f} | "
-                   f"{r['gflop_per_image']:.3f} | {ratio} |")
+                   f"{r['gflop_per_image']:.3f} | {ratio} |" + ms)
     return out + [""]
 
 

@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, for the MFU column")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--work", default=None, help="run directories (default: a temporary folder)")
+    p.add_argument("--name", default=None, help="results file stem (default: training-DEVICE)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     a = p.parse_args()
     if a.one:
@@ -177,7 +178,7 @@ def main() -> None:
     print(text)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"training-{a.device}"
+    name = a.name or f"training-{a.device}"
     (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows, sampling=sampling), indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
 
