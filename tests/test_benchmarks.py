@@ -484,3 +484,33 @@ def test_digits_board_trains_scores_and_judges_against_the_best_baseline(tmp_pat
     assert rows == {("fm", k) for k in (2, 5, 9, 17, 35)} | {("soflow", k) for k in (1, 2, 4)}
     assert data["bar"]["entry"] == "fm" and all(v["beats"] is None for v in data["verdicts"])
     assert "not decided (fewer than 3 seeds a side)" in (tmp_path / "digits-board-3steps.md").read_text()
+
+
+def test_premise_plans_every_strength_and_judges_slct_against_ilct_per_strength(tmp_path, monkeypatch):
+    """benchmarks/premise.py: the outlier codec's strengths as data sets (plain = the leaderboard's latents and
+    runs), iLCT and sLCT first, every command strict; the report compares sLCT with iLCT at each strength."""
+    from slct.cli import build_parser
+    from slct.commands.train import resolve
+
+    premise = _module("premise")
+    monkeypatch.setattr(premise.ablation, "RESULTS", tmp_path)
+    a = premise.parser().parse_args(["--work", str(tmp_path), "--steps", "100", "--strengths", "1", "spike:10"])
+    assert premise.encode_args(a, "spike:10")[-2:] == ["--outliers", "spike:10"]
+    assert premise.data_dir(a, "1") == tmp_path / "utk64-train"  # the leaderboard's latents
+    todo = premise.tasks(a, tmp_path / "ref.npz")
+    assert [t.what for t in todo[:8:2]] == ["ilct at 1 seed 0", "ilct at spike:10 seed 0", "slct at 1 seed 0",
+                                           "slct at spike:10 seed 0"]
+    for task in todo:
+        if task.args[0] == "train":
+            assert resolve(build_parser().parse_args(task.args)).train.total_steps == 100
+    for method, base in (("ilct", 150.0), ("slct", 120.0)):
+        for seed in range(3):
+            run = premise.run_dir(a, "spike:10", method, seed)
+            run.mkdir(parents=True)
+            (run / "eval-final-n1000.json").write_text(json.dumps(
+                {"results": [dict(nfe=1, fd=base + seed), dict(nfe=2, fd=base + 10 + seed)]}))
+    a.methods = ["ilct", "slct"]
+    text = premise.report(a).read_text()
+    assert "| slct | 1 | - | 121.0 +- 1.0 (3) |" in text
+    assert "- spike10, 1 NFE: slct vs ilct: +30.0 (2.0): lower beyond 2 pooled sd: **yes**" in text
+    assert (tmp_path / "premise-utkface64-100steps.png").stat().st_size > 0
