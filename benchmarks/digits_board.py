@@ -10,7 +10,8 @@ Each entry trains ``--steps`` steps from scratch with its method preset on the `
 the 1,797 digits (slct.commands.demo.score), at the entry's NFE (the many-step baselines along their NFE curve).
 The report gives mean +- sd over ``--seeds`` and, for every few-step row, whether it beats the best many-step
 baseline at <= 35 NFE by more than 2 pooled sd (benchmarks/ablation.beats: a verdict only from 3 seeds a side).
-Results: results/digits-board-STEPSsteps.{md,json}. One process, single-threaded runs one after another.
+Results: results/digits-board-STEPSsteps.{md,json}. One process, the runs one after another (`OMP_NUM_THREADS=1`
+beside other work).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -147,8 +147,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    a = parser().parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    a = parser().parse_args(argv)  # (the caller's environment is left alone: tests call this in-process)
     if "train" in a.stage:
         for seed in a.seeds:  # every entry's first seed before any second: a board stopped early is comparable
             for name in a.entries:
