@@ -4,8 +4,8 @@ baseline of the flow-map objectives (SoFlow's flow-matching rows are this loss),
 Path and target (slct's flow convention, ``slct.precond.FlowModel``): ``x_t = (1 - t) x0 + t e`` (t = 1: noise),
 whose velocity is ``v = e - x0``; the network's instantaneous velocity ``u(x_t, t, 0)`` regresses v with a per-sample
 mean squared error (no weighting: flow matching's plain loss). Time law: logit-normal, ``t = sigmoid(N(fm_t_mean,
-fm_t_std^2))`` (Esser et al. 2024's rectified-flow default, mean 0 and std 1; ``fm_t_std`` large tends to uniform
-in practice). Sampled by integrating ``dx/dt = u(x, t, 0)`` from t = 1 to 0 with Euler or Heun at any NFE
+fm_t_std^2))`` (Esser et al. 2024's rectified-flow default, mean 0 and std 1: more weight on the middle of the path
+than uniform t). Sampled by integrating ``dx/dt = u(x, t, 0)`` from t = 1 to 0 with Euler or Heun at any NFE
 (``sampling.flow_solver``; :func:`slct.sampling.flow_ode_sample`).
 """
 
