@@ -417,10 +417,21 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "ilct-tuned at 1 NFE vs ldm at 35: FD lower by 20.0 (2 pooled sd 2.0): beats it by more than 2 pooled " \
            "sd: **yes**" in md
     assert "ilct-tuned at 2 NFE vs ldm at 35: FD lower by -30.0" in md and "**no**" in md
-    assert "at ldm's FD" not in md  # every fake row is clearly better or worse: no tie
+    assert "at the bar's FD" not in md  # every fake row is clearly better or worse: no tie
     ties = board.verdicts([dict(entry="ldm", nfe=35, final=True, fd=100.0, fd_sd=4.0, seeds=[0, 1, 2]),
                            dict(entry="ilct", nfe=1, final=True, fd=104.0, fd_sd=4.0, seeds=[0, 1, 2])])
     assert (ties[0]["beats_ldm_by_2_pooled_sd"], ties[0]["worse_than_ldm_by_2_pooled_sd"]) == (False, False)
+    # the bar is the best baseline row at <= 35 NFE on 3 seeds (fm at 17 here), not ldm's own 35 NFE; one seed of a
+    # baseline does not make it the bar
+    rows = [dict(entry="ldm", nfe=35, final=True, fd=100.0, fd_sd=1.0, seeds=[0, 1, 2]),
+            dict(entry="fm", nfe=17, final=True, fd=90.0, fd_sd=1.0, seeds=[0, 1, 2]),
+            dict(entry="fm", nfe=35, final=True, fd=91.0, fd_sd=1.0, seeds=[0, 1, 2]),
+            dict(entry="ldm-edm", nfe=35, final=True, fd=50.0, fd_sd=0.0, seeds=[0]),
+            dict(entry="soflow", nfe=2, final=True, fd=95.0, fd_sd=1.0, seeds=[0, 1, 2])]
+    judged = {(v["entry"], v["nfe"]): v for v in board.verdicts(rows)}
+    assert judged[("soflow", 2)]["bar"] == "fm" and judged[("soflow", 2)]["ldm_nfe"] == 17
+    assert judged[("soflow", 2)]["worse_than_ldm_by_2_pooled_sd"] and judged[("ldm", 35)]["bar"] == "fm"
+    assert ("fm", 35) not in judged  # the bar's own curve is not judged against itself
     assert board.two_sd(ties[0]) == "2 pooled sd 8.0" and board.two_sd(dict(seeds=1, pooled_sd=0.0)) == \
         "one seed: no sd"  # a one-seed row has no spread to quote
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
