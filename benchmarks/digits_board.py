@@ -126,7 +126,8 @@ def report(a) -> Path:
                   "baseline at <= 35 NFE).", ""]
         for v in judged:
             verdict = {True: "**yes**", False: "no", None: "not decided (fewer than 3 seeds a side)"}[v["beats"]]
-            tie = " (within 2 pooled sd either way)" if v["beats"] is False and v["worse"] is False else ""
+            tie = (" (within 2 pooled sd either way)" if v["beats"] is False and v["worse"] is False else
+                   " (worse beyond 2 pooled sd)" if v["worse"] else "")
             lines.append(f"- {v['entry']} at {v['nfe']} NFE: FD lower by {v['fd_difference']:.3f} (2 pooled sd "
                          f"{2 * v['pooled_sd']:.3f}): beats the bar by more than 2 pooled sd: {verdict}{tie}")
     out = ablation.RESULTS / f"{stem}.md"
