@@ -163,6 +163,10 @@ class Plan:
         return self.budget // 2
 
     def run(self, name: str, seed: int) -> Path:
+        """The run's folder; a wall-clock-matched run of as many steps as the image-matched one is that run."""
+        if self.seconds is not None and self.own_steps(name) == ENTRIES[name].own_steps(self.budget,
+                                                                                         self.teacher_steps):
+            return self.work / f"leaderboard-{self.budget}steps" / f"{name}-seed{seed}"
         return self.root / f"{name}-seed{seed}"
 
     def teacher(self, seed: int) -> Path:
@@ -649,8 +653,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--match", choices=["images", "seconds"], default="images",
                    help="images: every entry sees the budget's images (teacher's included); seconds: every entry "
-                   "trains for the seconds ldm's budget took, from the s/step of the image-matched report "
-                   "(results/leaderboard-utkface64-BUDGETsteps.json), in its own folder and report (-seconds)")
+                   "trains for the seconds ldm's budget took, from the step times of benchmarks/compute.py --time "
+                   "(else the image-matched report's s/step), in its own folder and report (-seconds)")
     p.add_argument("--archive", nargs="*", default=None,
                    help="committed reports whose runs' folders are gone: their rows are reported from there "
                    "(default: results/leaderboard-utkface64-BUDGETsteps.json; give none for only the runs here)")
@@ -665,19 +669,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def measured_seconds(a) -> dict:
-    """Seconds per step of every entry on the board, from the image-matched report of this budget (its runs ran
-    side by side on one machine): what --match seconds divides ldm's budget time by."""
-    path = ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps.json"
-    if not path.exists():
-        sys.exit(f"--match seconds needs the image-matched report {path} (run the board with --match images first)")
+    """Seconds per step of every entry on the board: what --match seconds divides ldm's budget time by. From
+    benchmarks/compute.py's timing (results/compute-utkface64.json: every entry's step timed in turn on one machine
+    with the current code) where it has the entry, else from the image-matched report of this budget (its runs ran
+    side by side on one machine)."""
     speeds = {}
-    for s in json.loads(path.read_text())["summary"]:
-        if s["final"] and s.get("sec_per_step") and s["entry"] in ENTRIES:
-            speeds.setdefault(s["entry"], s["sec_per_step"])
+    timed = ablation.RESULTS / "compute-utkface64.json"
+    if timed.exists():
+        speeds = {r["entry"]: r["sec_per_step"] for r in json.loads(timed.read_text())["rows"] if "sec_per_step" in r}
+    path = ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps.json"
+    if path.exists() and "ldm" not in speeds:  # one source for all: mixing two machines' timings would not be fair
+        speeds = {}
+        for s in json.loads(path.read_text())["summary"]:
+            if s["final"] and s.get("sec_per_step") and s["entry"] in ENTRIES:
+                speeds.setdefault(s["entry"], s["sec_per_step"])
+    if not speeds:
+        sys.exit(f"--match seconds needs step times: run `python benchmarks/compute.py --time 5` or the image-matched "
+                 f"board ({path})")
     missing = [e for e in ("ldm", *a.entries) if e not in speeds]
     if missing:
-        sys.exit(f"--match seconds: no measured s/step for {', '.join(dict.fromkeys(missing))} in {path}; train them "
-                 "image-matched first")
+        sys.exit(f"--match seconds: no measured s/step for {', '.join(dict.fromkeys(missing))}; time them with "
+                 "`python benchmarks/compute.py --time 5`")
     return speeds
 
 

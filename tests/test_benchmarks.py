@@ -466,7 +466,7 @@ def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path,
     assert log.read_text().split() == ["b", "a", "c"]
 
 
-def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_budget(tmp_path):
+def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_budget(tmp_path, monkeypatch):
     """--match seconds: own steps = (budget - teacher's steps if it uses the teacher) x ldm's s/step / its s/step,
     in its own folder and report; every entry needs a measured s/step."""
     board = _module("leaderboard")
@@ -478,8 +478,17 @@ def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_bu
     a = board.parser().parse_args(["--work", str(tmp_path), "--match", "seconds", "--entries", "soflow"])
     todo = board.tasks(plan, a, tmp_path / "data", tmp_path / "ref.npz")
     assert todo[0].args[todo[0].args.index("--steps") + 1] == "1000" and "-seconds" in str(todo[0].done)
+    assert plan.run("ldm", 0) == tmp_path / "leaderboard-2000steps" / "ldm-seed0"  # as many steps: the same run
+    monkeypatch.setattr(board.ablation, "RESULTS", tmp_path)
     a = board.parser().parse_args(["--budget", "123", "--match", "seconds"])
-    with pytest.raises(SystemExit, match="needs the image-matched report"):
+    with pytest.raises(SystemExit, match="needs step times"):
+        board.measured_seconds(a)
+    (tmp_path / "compute-utkface64.json").write_text(json.dumps({"rows": [
+        dict(entry="ldm", sec_per_step=0.7), dict(entry="soflow", sec_per_step=0.8)]}))
+    a = board.parser().parse_args(["--match", "seconds", "--entries", "soflow"])
+    assert board.measured_seconds(a) == {"ldm": 0.7, "soflow": 0.8}
+    a = board.parser().parse_args(["--match", "seconds", "--entries", "shortcut"])
+    with pytest.raises(SystemExit, match="no measured s/step for shortcut"):
         board.measured_seconds(a)
 
 
