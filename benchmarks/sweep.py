@@ -123,7 +123,9 @@ def report(a, results: Path) -> Path:
              f"- FD-MobileNetV2 on {a.n_eval} samples against the 5,000 held-out faces, ramp-up EMA, the baselines' "
              "35-NFE Heun samplers; one seed (the best point is confirmed on 3 seeds in the leaderboard)",
              f"- Grid: lr {GRID['lr']} x beta2 {GRID['beta2']} x dropout {GRID['dropout']}; "
-             f"{len(rows)} of {sum(len(order(b)) for b in a.baselines)} points scored", ""]
+             f"{len(rows)} of {sum(len(order(b)) for b in a.baselines)} points scored",
+             "- s/step is the runs' wall time per step beside other work on a shared machine, not a speed "
+             "measurement (benchmarks/compute.py times the steps)", ""]
     for baseline in a.baselines:
         mine = sorted((r for r in rows if r["baseline"] == baseline), key=lambda r: r["fd"])
         lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`)", "",
