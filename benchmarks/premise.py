@@ -60,11 +60,8 @@ def run_dir(a, strength: str, method: str, seed: int) -> Path:
 
 def archived(a, method: str, seed: int) -> list[dict]:
     """A plain run's final rows from the committed leaderboard report, when its folder is gone (a new machine)."""
-    path = ablation.RESULTS / f"leaderboard-utkface64-{a.steps}steps.json"
-    if not path.exists():
-        return []
-    return [r for r in json.loads(path.read_text()).get("runs", [])
-            if r["entry"] == method and r["seed"] == seed and r["final"]]
+    rows = leaderboard.archived_rows(argparse.Namespace(budget=a.steps, archive=None))
+    return [r for r in rows if r["entry"] == method and r["seed"] == seed and r["final"]]
 
 
 def encode_args(a, strength: str) -> list[str]:
