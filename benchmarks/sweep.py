@@ -14,8 +14,10 @@ stopped early has the most informative points. Every point is one `slct train` +
 --n-eval samples against the held-out faces, the ramp-up EMA), the same harness as benchmarks/leaderboard.py (whose
 data, reference and task runner it uses), so its runs' FD are the leaderboard's.
 
-The best point of each baseline (lowest FD) is then confirmed on 3 seeds as a leaderboard entry (``ldm-tuned``,
-``fm-tuned`` in benchmarks/leaderboard.py); the report says which point won and by how much over the next.
+The best point of each baseline (lowest FD) is then confirmed on 3 seeds as a leaderboard entry (``ldm-edm-tuned``,
+``fm-tuned`` in benchmarks/leaderboard.py, whose runs are this sweep's: `python benchmarks/leaderboard.py --entries
+fm-tuned` reuses seed 0 and trains seeds 1 and 2 beside it); the report says which point won and by how much over the
+next. ``--only POINT...`` trains just the named points (a coordinate search instead of the whole grid).
 Results: results/sweep-utkface64-KSTEPS.{md,json}.
 """
 
@@ -69,7 +71,7 @@ def run_dir(work: Path, budget: int, point: Point, seed: int) -> Path:
 
 def tasks(a, data: Path, ref: Path) -> list:
     out = []
-    points = [order(b) for b in a.baselines]
+    points = [[p for p in order(b) if not a.only or p.name in a.only] for b in a.baselines]
     for group in itertools.zip_longest(*points):  # the baselines' points interleaved: both sweeps advance
         for point in filter(None, group):
             run = run_dir(a.work, a.budget, point, a.seed)
@@ -153,6 +155,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=2000, help="training steps per point (the leaderboard's)")
     p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=list(BASELINES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="+", default=[], metavar="POINT",
+                   help="train only these points (names as --print shows them, e.g. fm-lr0.0005-b0.999-do0)")
     p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--jobs", type=int, default=2, help="commands side by side")
     p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")
@@ -164,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
     import os
+
+    names = {p.name for b in a.baselines for p in order(b)}
+    if set(a.only) - names:
+        sys.exit(f"--only: no such point(s): {', '.join(sorted(set(a.only) - names))} (see --print)")
 
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     data = a.work / f"utk{a.resolution}-train"

@@ -193,6 +193,35 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
             assert ns.nfe == [35]
 
 
+def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
+    """leaderboard's ``*-tuned`` entries: the command of seed k is the sweep's command of its point at seed k (the
+    same folder, so the sweep's seed 0 is the entry's); wall-clock matched runs of other lengths live apart."""
+    sweep = _sweep()
+    board = sys.modules.get("slct_bench_leaderboard") or sweep.leaderboard
+    tuned = {n: e for n, e in board.ENTRIES.items() if e.sweep}
+    assert set(tuned) == {"ldm-edm-tuned", "fm-tuned"} and set(tuned) <= set(board.BASELINES)
+    data = tmp_path / "data"
+    for name, entry in tuned.items():
+        point = next(p for p in sweep.order(entry.preset) if p.name == entry.sweep)
+        for seed in (0, 2):
+            a = sweep.parser().parse_args(["--work", str(tmp_path), "--seed", str(seed), "--only", point.name])
+            mine = sweep.tasks(a, data, tmp_path / "ref.npz")[0].args
+            plan = board.Plan(tmp_path, 2000, 1500, [seed])
+            assert board.train_command(plan, name, seed, data) == mine
+            assert plan.run(name, seed) == sweep.run_dir(tmp_path, 2000, point, seed)
+        timed = board.Plan(tmp_path, 2000, 1500, [0], seconds={"ldm": 1.0, name: 2.0})
+        assert timed.run(name, 0) == timed.root / f"{name}-seed0"  # 1,000 steps: not the sweep's run
+
+
+def test_sweep_only_trains_the_named_points_and_refuses_unknown_ones(tmp_path):
+    sweep = _sweep()
+    a = sweep.parser().parse_args(["--work", str(tmp_path), "--only", "fm-lr0.0005-b0.999-do0"])
+    assert [t.what for t in sweep.tasks(a, tmp_path, tmp_path)] == ["fm-lr0.0005-b0.999-do0 seed 0",
+                                                                      "fm-lr0.0005-b0.999-do0 seed 0: eval"]
+    with pytest.raises(SystemExit, match="no such point"):
+        sweep.main(["--work", str(tmp_path), "--only", "fm-lr9-b0.999-do0", "--print"])
+
+
 def test_sweep_report_ranks_the_points(tmp_path, monkeypatch):
     sweep = _sweep()
     a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--baselines", "ldm-edm"])
