@@ -479,6 +479,9 @@ def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_bu
     todo = board.tasks(plan, a, tmp_path / "data", tmp_path / "ref.npz")
     assert todo[0].args[todo[0].args.index("--steps") + 1] == "1000" and "-seconds" in str(todo[0].done)
     assert plan.run("ldm", 0) == tmp_path / "leaderboard-2000steps" / "ldm-seed0"  # as many steps: the same run
+    # the baselines are the clock: their image-matched runs, whatever their own step time
+    assert board.Plan(tmp_path, 2000, 1500, [0], {**seconds, "fm-tuned": 0.6}).own_steps("fm-tuned") == 2000
+    assert plan.run("fm-tuned", 0) == tmp_path / "sweep-2000steps" / "fm-lr0.001-b0.999-do0-seed0"
     monkeypatch.setattr(board.ablation, "RESULTS", tmp_path)
     a = board.parser().parse_args(["--budget", "123", "--match", "seconds"])
     with pytest.raises(SystemExit, match="needs step times"):
@@ -486,6 +489,8 @@ def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_bu
     (tmp_path / "compute-utkface64.json").write_text(json.dumps({"rows": [
         dict(entry="ldm", sec_per_step=0.7), dict(entry="soflow", sec_per_step=0.8)]}))
     a = board.parser().parse_args(["--match", "seconds", "--entries", "soflow"])
+    assert board.measured_seconds(a) == {"ldm": 0.7, "soflow": 0.8}
+    a = board.parser().parse_args(["--match", "seconds", "--entries", "soflow", "fm-tuned"])  # a baseline: no time
     assert board.measured_seconds(a) == {"ldm": 0.7, "soflow": 0.8}
     a = board.parser().parse_args(["--match", "seconds", "--entries", "shortcut"])
     with pytest.raises(SystemExit, match="no measured s/step for shortcut"):
