@@ -337,8 +337,9 @@ def collect(plan: Plan, a) -> list[dict]:
         for seed in plan.seeds:
             run = plan.run(name, seed)
             if not run.exists():  # trained on a machine that is gone: its rows as the --archive report holds them
-                rows += [{**r, "archived": True} for r in archive
-                         if r["entry"] in (name, f"{name}@heun") and r["seed"] == seed]
+                rows += [{**r, "archived": True} for r in archive  # (a run of as many steps: the same run)
+                         if r["entry"] in (name, f"{name}@heun") and r["seed"] == seed
+                         and r.get("own_steps", own) == own]
                 continue
             teacher = plan.teacher_steps if entry.source else 0
             speed = seconds_per_step(run)  # once per run, not per evaluated row
@@ -371,8 +372,11 @@ def archive_note(rows: list[dict], a) -> list[str]:
 
 
 def archives(a) -> list[Path]:
-    suffix = "-seconds" if getattr(a, "match", "images") == "seconds" else ""
-    default = [ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps{suffix}.json"]
+    """The default: this board's committed report; the wall-clock board's also reads the image-matched one, whose
+    runs of as many steps (the baselines') are its runs too."""
+    default = [ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps.json"]
+    if getattr(a, "match", "images") == "seconds":
+        default.insert(0, ablation.RESULTS / f"leaderboard-utkface64-{a.budget}steps-seconds.json")
     return [Path(p) for p in (default if getattr(a, "archive", None) is None else a.archive)]
 
 

@@ -495,6 +495,15 @@ def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_bu
     a = board.parser().parse_args(["--match", "seconds", "--entries", "shortcut"])
     with pytest.raises(SystemExit, match="no measured s/step for shortcut"):
         board.measured_seconds(a)
+    # the wall-clock board reads gone runs from the image-matched report too, but only runs of its own length: the
+    # baseline's 2,000 steps are its run, SoFlow's 2,000-step run is not its 1,000-step one
+    (tmp_path / "leaderboard-utkface64-2000steps.json").write_text(json.dumps({"runs": [
+        dict(entry=e, seed=0, nfe=n, step=2000, final=True, fd=f, own_steps=2000, teacher_steps=0)
+        for e, n, f in (("ldm", 35, 100.0), ("soflow", 2, 80.0))]}))
+    a = board.parser().parse_args(["--work", str(tmp_path / "gone"), "--match", "seconds", "--entries", "ldm",
+                                   "soflow", "--seeds", "0"])
+    rows = board.collect(board.Plan(tmp_path / "gone", 2000, 1500, [0], seconds), a)
+    assert [(r["entry"], r["fd"]) for r in rows] == [("ldm", 100.0)]
 
 
 def test_digits_board_trains_scores_and_judges_against_the_best_baseline(tmp_path, monkeypatch):
