@@ -129,10 +129,10 @@ ENTRIES: dict[str, Entry] = {
     "fm": Entry("fm", more_nfe=(3, 5, 9, 17)),
     # the sweep's best point of each (benchmarks/sweep.py, chosen on seed 0) confirmed on 3 seeds; its sets in the
     # sweep's order so the command is the sweep's (a test holds them equal)
-    "ldm-edm-tuned": Entry("ldm-edm", ("optim.lr=0.001", "optim.betas=[0.9, 0.999]", "network.dropout=0.0"),
-                           more_nfe=(3, 5, 9, 17), sweep="ldm-edm-lr0.001-b0.999-do0"),
-    "fm-tuned": Entry("fm", ("optim.lr=0.001", "optim.betas=[0.9, 0.999]", "network.dropout=0.0"),
-                      more_nfe=(3, 5, 9, 17), sweep="fm-lr0.001-b0.999-do0"),
+    "ldm-edm-tuned": Entry("ldm-edm", ("optim.lr=0.002", "optim.betas=[0.9, 0.999]", "network.dropout=0.0"),
+                           more_nfe=(3, 5, 9, 17), sweep="ldm-edm-lr0.002-b0.999-do0"),
+    "fm-tuned": Entry("fm", ("optim.lr=0.002", "optim.betas=[0.9, 0.999]", "network.dropout=0.0"),
+                      more_nfe=(3, 5, 9, 17), sweep="fm-lr0.002-b0.999-do0"),
 }
 
 

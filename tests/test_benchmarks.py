@@ -481,7 +481,7 @@ def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_bu
     assert plan.run("ldm", 0) == tmp_path / "leaderboard-2000steps" / "ldm-seed0"  # as many steps: the same run
     # the baselines are the clock: their image-matched runs, whatever their own step time
     assert board.Plan(tmp_path, 2000, 1500, [0], {**seconds, "fm-tuned": 0.6}).own_steps("fm-tuned") == 2000
-    assert plan.run("fm-tuned", 0) == tmp_path / "sweep-2000steps" / "fm-lr0.001-b0.999-do0-seed0"
+    assert plan.run("fm-tuned", 0) == tmp_path / "sweep-2000steps" / "fm-lr0.002-b0.999-do0-seed0"
     monkeypatch.setattr(board.ablation, "RESULTS", tmp_path)
     a = board.parser().parse_args(["--budget", "123", "--match", "seconds"])
     with pytest.raises(SystemExit, match="needs step times"):
