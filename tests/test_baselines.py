@@ -195,7 +195,7 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
 
 def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
     """leaderboard's ``*-tuned`` entries: the command of seed k is the sweep's command of its point at seed k (the
-    same folder, so the sweep's seed 0 is the entry's); wall-clock matched runs of other lengths live apart."""
+    same folder, so the sweep's seed 0 is the entry's), on the wall-clock board too (a baseline keeps its budget)."""
     sweep = _sweep()
     board = sys.modules.get("slct_bench_leaderboard") or sweep.leaderboard
     tuned = {n: e for n, e in board.ENTRIES.items() if e.sweep}
@@ -210,7 +210,7 @@ def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
             assert board.train_command(plan, name, seed, data) == mine
             assert plan.run(name, seed) == sweep.run_dir(tmp_path, 2000, point, seed)
         timed = board.Plan(tmp_path, 2000, 1500, [0], seconds={"ldm": 1.0, name: 2.0})
-        assert timed.run(name, 0) == timed.root / f"{name}-seed0"  # 1,000 steps: not the sweep's run
+        assert timed.run(name, 0) == sweep.run_dir(tmp_path, 2000, point, 0)  # a baseline is the clock: its run
 
 
 def test_sweep_only_trains_the_named_points_and_refuses_unknown_ones(tmp_path):
