@@ -175,12 +175,12 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
 
     sweep = _sweep()
     points = sweep.order("ldm-edm")
-    assert len(points) == 12 and len(set(points)) == 12
+    assert len(points) == 16 and len(set(points)) == 16
     assert (points[0].lr, points[0].beta2, points[0].dropout) == (1e-3, 0.999, 0.1)  # the preset's own point
-    assert all(sum(getattr(p, k) != getattr(points[0], k) for k in sweep.GRID) == 1 for p in points[1:5])
+    assert all(sum(getattr(p, k) != getattr(points[0], k) for k in sweep.GRID) == 1 for p in points[1:6])
     a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100"])
     todo = sweep.tasks(a, tmp_path / "data", tmp_path / "ref.npz")
-    assert len(todo) == 2 * 24 and todo[0].what.startswith("ldm-edm") and todo[2].what.startswith("fm")
+    assert len(todo) == 2 * 32 and todo[0].what.startswith("ldm-edm") and todo[2].what.startswith("fm")
     for task in todo:
         ns = build_parser().parse_args(task.args)
         if task.args[0] == "train":
