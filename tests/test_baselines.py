@@ -180,7 +180,7 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
     assert all(sum(getattr(p, k) != getattr(points[0], k) for k in sweep.GRID) == 1 for p in points[1:6])
     a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100"])
     todo = sweep.tasks(a, tmp_path / "data", tmp_path / "ref.npz")
-    assert len(todo) == 2 * 32 and todo[0].what.startswith("ldm-edm") and todo[2].what.startswith("fm")
+    assert len(todo) == 3 * 32 and todo[0].what.startswith("ldm-edm") and todo[3].what.startswith("fm")
     for task in todo:
         ns = build_parser().parse_args(task.args)
         if task.args[0] == "train":
@@ -190,7 +190,7 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
             assert (cfg.optim.lr, cfg.optim.betas[1], cfg.network.dropout) == (point.lr, point.beta2, point.dropout)
             assert cfg.train.total_steps == 100
         else:
-            assert ns.nfe == [35]
+            assert ns.nfe == ([3, 5, 9, 17] if "NFE" in task.what else [35])  # 35, then the leaderboard's curve
 
 
 def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
@@ -216,8 +216,9 @@ def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
 def test_sweep_only_trains_the_named_points_and_refuses_unknown_ones(tmp_path):
     sweep = _sweep()
     a = sweep.parser().parse_args(["--work", str(tmp_path), "--only", "fm-lr0.0005-b0.999-do0"])
-    assert [t.what for t in sweep.tasks(a, tmp_path, tmp_path)] == ["fm-lr0.0005-b0.999-do0 seed 0",
-                                                                      "fm-lr0.0005-b0.999-do0 seed 0: eval"]
+    assert [t.what for t in sweep.tasks(a, tmp_path, tmp_path)] == [
+        "fm-lr0.0005-b0.999-do0 seed 0", "fm-lr0.0005-b0.999-do0 seed 0: eval",
+        "fm-lr0.0005-b0.999-do0 seed 0: eval at 3, 5, 9, 17 NFE"]
     with pytest.raises(SystemExit, match="no such point"):
         sweep.main(["--work", str(tmp_path), "--only", "fm-lr9-b0.999-do0", "--print"])
 
@@ -232,11 +233,17 @@ def test_sweep_report_ranks_the_points(tmp_path, monkeypatch):
             {"results": [{"nfe": 35, "fd": 50.0 - i, "precision": 0.5, "recall": 0.1 * i}]}))
     results = tmp_path / "results"
     results.mkdir()
-    out = sweep.report(a, results)
-    text = out.read_text()
-    assert "Best: lr 0.001, beta2 0.99, dropout 0.1 (FD 48.0; the next point 1.0 higher; one seed)" in text
+    text = sweep.report(a, results).read_text()
+    assert "Best: lr 0.001, beta2 0.99, dropout 0.1 (FD 48.0 at 35 NFE; the next point 1.0 higher; one seed" in text
+    # a point's NFE curve scored: ranked by its best FD at <= 35 NFE (the bar's rule), here the centre at 5 NFE
+    centre = sweep.run_dir(tmp_path, 100, sweep.order("ldm-edm")[0], 0)
+    (centre / "eval-final-n1000-nfe3-nfe5-nfe9-nfe17.json").write_text(json.dumps({"results": [
+        {"nfe": 3, "fd": 60.0}, {"nfe": 5, "fd": 40.0}, {"nfe": 9, "fd": 45.0}, {"nfe": 17, "fd": 49.0}]}))
+    text = sweep.report(a, results).read_text()
+    assert "Best: lr 0.001, beta2 0.999, dropout 0.1 (FD 40.0 at 5 NFE; the next point 8.0 higher" in text
+    assert "| 0.001 | 0.999 | 0.1 | 50.0 | 60.0 | 40.0 | 45.0 | 49.0 | 40.0 (5) |" in text
     data = json.loads((results / "sweep-utkface64-100steps.json").read_text())
-    assert len(data["rows"]) == 3 and data["best"]["ldm-edm"]["fd"] == 48.0
+    assert len(data["rows"]) == 3 and data["best"]["ldm-edm"]["best_fd"] == 40.0
 
 
 def test_soflow_target_pass_runs_on_the_consistency_rows_only_and_changes_no_bit():
