@@ -432,6 +432,8 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert judged[("soflow", 2)]["bar"] == "fm" and judged[("soflow", 2)]["ldm_nfe"] == 17
     assert judged[("soflow", 2)]["worse_than_ldm_by_2_pooled_sd"] and judged[("ldm", 35)]["bar"] == "fm"
     assert ("fm", 35) not in judged  # the bar's own curve is not judged against itself
+    # ldm's 100 is reached by the bar's curve at its fewest NFE scored (17): the report says "the fewest scored"
+    assert (judged[("ldm", 35)]["ldm_nfe_matched"], judged[("ldm", 35)]["bar_nfe_fewest"]) == (17, 17)
     assert board.two_sd(ties[0]) == "2 pooled sd 8.0" and board.two_sd(dict(seeds=1, pooled_sd=0.0)) == \
         "one seed: no sd"  # a one-seed row has no spread to quote
     assert "| slct | 1 | 141.0 | 151.0 | +10.0 | 1.0 | **yes** |" in md  # rose by 10 against an sd of 1
