@@ -435,7 +435,8 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
 VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}
 
 
-BASELINES = ("ldm", "ldm-edm", "fm", "ldm-edm-tuned", "fm-tuned")  # the many-step baselines; the bar is the best of them (below)
+# the many-step baselines; the bar is the best of them (below)
+BASELINES = ("ldm", "ldm-edm", "fm", "ldm-edm-tuned", "fm-tuned")
 
 
 def the_bar(final: list[dict]) -> tuple[dict | None, list[dict]]:

@@ -13,11 +13,11 @@ Heun at 35 NFE as well). Grid (``GRID``): lr {5e-4, 1e-3, 2e-3, 4e-3} x beta2 {0
 preset's own point first, then its one-factor neighbours, then the rest, so a sweep stopped early has the most
 informative points. Every point is one `slct train` + two `slct eval` (MobileNetV2 FD on --n-eval samples against
 the held-out faces, the ramp-up EMA: at 35 NFE, then along the leaderboard's NFE curve 3-17, since at this budget FD
-need not fall with NFE and the bar is a baseline's best FD at <= 35 NFE), the same harness as benchmarks/leaderboard.py (whose
-data, reference and task runner it uses), so its runs' FD are the leaderboard's.
+need not fall with NFE and the bar is a baseline's best FD at <= 35 NFE), the same harness as
+benchmarks/leaderboard.py (whose data, reference and task runner it uses), so its runs' FD are the leaderboard's.
 
-The best point of each baseline (lowest FD at any NFE scored) is then confirmed on 3 seeds as a leaderboard entry (``ldm-edm-tuned``,
-``fm-tuned`` in benchmarks/leaderboard.py, whose runs are this sweep's: `python benchmarks/leaderboard.py --entries
+The best point of each baseline (lowest FD at any NFE scored) is then confirmed on 3 seeds as a leaderboard entry
+(``ldm-edm-tuned``, ``fm-tuned`` in benchmarks/leaderboard.py, whose runs are this sweep's: `python benchmarks/leaderboard.py --entries
 fm-tuned` reuses seed 0 and trains seeds 1 and 2 beside it); the report says which point won and by how much over the
 next. ``--only POINT...`` trains just the named points (a coordinate search instead of the whole grid).
 Results: results/sweep-utkface64-KSTEPS.{md,json}.
@@ -120,9 +120,13 @@ def collect(a) -> list[dict]:
     return rows
 
 
+def ranked(rows: list[dict], baseline: str) -> list[dict]:
+    """The baseline's points, lowest FD at any NFE <= 35 scored first (the bar's rule)."""
+    return sorted((r for r in rows if r["baseline"] == baseline), key=lambda r: r["best_fd"])
+
+
 def best(rows: list[dict], baseline: str) -> dict | None:
-    """The point with the lowest FD at any NFE <= 35 scored (the bar's rule)."""
-    mine = sorted((r for r in rows if r["baseline"] == baseline), key=lambda r: r["best_fd"])
+    mine = ranked(rows, baseline)
     return mine[0] if mine else None
 
 
@@ -147,7 +151,7 @@ def report(a, results: Path) -> Path:
              "- s/step is the runs' wall time per step beside other work on a shared machine, not a speed "
              "measurement (benchmarks/compute.py times the steps)", ""]
     for baseline in a.baselines:
-        mine = sorted((r for r in rows if r["baseline"] == baseline), key=lambda r: r["best_fd"])
+        mine = ranked(rows, baseline)
         curve = CURVE[baseline]
         lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`)", "",
                   "| lr | beta2 | dropout | FD at 35 NFE | " + " | ".join(f"FD at {k}" for k in curve)
