@@ -17,9 +17,9 @@ need not fall with NFE and the bar is a baseline's best FD at <= 35 NFE), the sa
 benchmarks/leaderboard.py (whose data, reference and task runner it uses), so its runs' FD are the leaderboard's.
 
 The best point of each baseline (lowest FD at any NFE scored) is then confirmed on 3 seeds as a leaderboard entry
-(``ldm-edm-tuned``, ``fm-tuned`` in benchmarks/leaderboard.py, whose runs are this sweep's: `python benchmarks/leaderboard.py --entries
-fm-tuned` reuses seed 0 and trains seeds 1 and 2 beside it); the report says which point won and by how much over the
-next. ``--only POINT...`` trains just the named points (a coordinate search instead of the whole grid).
+(``ldm-edm-tuned``, ``fm-tuned`` in benchmarks/leaderboard.py, whose runs are this sweep's: `python
+benchmarks/leaderboard.py --entries fm-tuned` reuses seed 0 and trains seeds 1 and 2 beside it); the report says
+which point won and by how much over the next. ``--only POINT...`` trains just the named points (a coordinate search instead of the whole grid).
 Results: results/sweep-utkface64-KSTEPS.{md,json}.
 """
 
