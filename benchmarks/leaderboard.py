@@ -81,7 +81,8 @@ class Entry:
     init: bool = False  # start from the teacher's weights (slct train --init)
     distil: bool = False  # distil from the teacher (--teacher)
     more_nfe: tuple = ()  # the final snapshot also at these NFE (beyond the run's own 1 and 2)
-    ode_nfe: tuple = ()  # ... and with the Heun ODE solver of its instantaneous velocity (rows "NAME@heun")
+    # ... and with an ODE solver of its instantaneous velocity: (solver, NFEs) pairs, rows "NAME@SOLVER"
+    ode: tuple = ()
     # a point of benchmarks/sweep.py (its name): the entry's image-matched runs live in the sweep's folder, so the
     # sweep's seed-0 run, the same command, is the entry's seed 0 and seeds 1, 2 lie beside it
     sweep: str = ""
@@ -107,7 +108,7 @@ ENTRIES: dict[str, Entry] = {
     "slct-no-remedies": Entry("slct", NO_REMEDIES),  # the preset's curriculum (N up to 81) without the remedies
     "slct": Entry("slct"),  # the preset: N up to 81 and the remedies
     # also at 4 and 8 NFE: whether its few-step FD is the flow objective's or the few-step sampler's
-    "soflow": Entry("soflow", more_nfe=(4, 8), ode_nfe=(2, 4, 8, 17, 35)),
+    "soflow": Entry("soflow", more_nfe=(4, 8), ode=(("heun", (2, 4, 8, 17, 35)),)),
     "ilct": Entry("ilct"),
     # Table 2a's ladder from ilct to slct with the preset (N up to 81, the remedies): which of sLCT's parts costs FD
     # at this budget (target 2; ladder-adaptive-c is slct with iLCT's GroupNorm)
@@ -131,9 +132,10 @@ ENTRIES: dict[str, Entry] = {
     # sweep's order so the command is the sweep's (a test holds them equal)
     "ldm-edm-tuned": Entry("ldm-edm", ("optim.lr=0.002", "optim.betas=[0.9, 0.999]", "network.dropout=0.0"),
                            more_nfe=(3, 5, 9, 17), sweep="ldm-edm-lr0.002-b0.999-do0"),
-    # (fm also at 2 and 4 NFE: against the few-step models at their own NFE; its FD is lowest near 5 NFE here)
+    # (fm also at 2 and 4 NFE: against the few-step models at their own NFE; its FD is lowest near 5 NFE here; and
+    # with Euler, whose 2-4 NFE beat Heun's: fm's best few-NFE sampler)
     "fm-tuned": Entry("fm", ("optim.lr=0.002", "optim.betas=[0.9, 0.999]", "network.dropout=0.0"),
-                      more_nfe=(2, 3, 4, 5, 9, 17), sweep="fm-lr0.002-b0.999-do0"),
+                      more_nfe=(2, 3, 4, 5, 9, 17), ode=(("euler", (2, 3, 4, 5)),), sweep="fm-lr0.002-b0.999-do0"),
 }
 
 
@@ -257,11 +259,10 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
                 group.append(Task(f"{name} seed {seed}: eval at {', '.join(map(str, more))} NFE",
                                   eval_file(run, steps, a.n_eval, True, more),
                                   eval_command(run, steps, ref, a.n_eval, nfe=more), (final,)))
-            ode = ENTRIES[name].ode_nfe
-            if ode:
-                group.append(Task(f"{name} seed {seed}: eval with Heun at {', '.join(map(str, ode))} NFE",
-                                  eval_file(run, steps, a.n_eval, True, ode, "heun"),
-                                  eval_command(run, steps, ref, a.n_eval, nfe=ode, solver="heun"), (final,)))
+            for solver, ode in ENTRIES[name].ode:
+                group.append(Task(f"{name} seed {seed}: eval with {solver.capitalize()} at {', '.join(map(str, ode))}"
+                                  " NFE", eval_file(run, steps, a.n_eval, True, ode, solver),
+                                  eval_command(run, steps, ref, a.n_eval, nfe=ode, solver=solver), (final,)))
             # after the run: its middle snapshot is there by then; ldm also where it serves as the teacher
             middles = [plan.mid] if steps == plan.budget else []
             if name == "ldm" and any(ENTRIES[n].source for n in names):
@@ -339,7 +340,7 @@ def collect(plan: Plan, a) -> list[dict]:
             run = plan.run(name, seed)
             if not run.exists():  # trained on a machine that is gone: its rows as the --archive report holds them
                 rows += [{**r, "archived": True} for r in archive  # (a run of as many steps: the same run)
-                         if r["entry"] in (name, f"{name}@heun") and r["seed"] == seed
+                         if r["entry"].split("@")[0] == name and r["seed"] == seed
                          and r.get("own_steps", own) == own]
                 continue
             teacher = plan.teacher_steps if entry.source else 0
@@ -348,9 +349,8 @@ def collect(plan: Plan, a) -> list[dict]:
                          for step in dict.fromkeys((own, plan.mid, plan.teacher_steps))]
             if entry.more_nfe:
                 evaluated.append((own, True, eval_file(run, own, a.n_eval, True, entry.more_nfe), name))
-            if entry.ode_nfe:
-                evaluated.append((own, True, eval_file(run, own, a.n_eval, True, entry.ode_nfe, "heun"),
-                                  f"{name}@heun"))
+            for solver, ode in entry.ode:
+                evaluated.append((own, True, eval_file(run, own, a.n_eval, True, ode, solver), f"{name}@{solver}"))
             for step, final, path, label in evaluated:
                 if not path.exists():
                     continue
@@ -429,7 +429,9 @@ PAIRS = [("slct-n641-stage-robust", "slct-n641"), ("slct-no-remedies", "slct-n64
          ("ilcd-published", "ilct-tuned"), ("ilcd-published", "ilcd-init"),
          # the baselines at their best against the bar as it was
          ("ldm-edm", "ldm"), ("fm", "ldm"), ("fm", "ldm-edm"),
-         ("ldm-edm-tuned", "ldm-edm"), ("fm-tuned", "fm"), ("fm-tuned", "ldm-edm-tuned")]
+         ("ldm-edm-tuned", "ldm-edm"), ("fm-tuned", "fm"), ("fm-tuned", "ldm-edm-tuned"),
+         # fm's two solvers at its few NFE, and SoFlow's 2 steps against fm's best at as many NFE
+         ("fm-tuned@euler", "fm-tuned"), ("soflow", "fm-tuned@euler"), ("soflow", "fm-tuned")]
 
 
 VERDICT = {True: "yes", False: "no", None: "not decided (fewer than 3 seeds a side)"}

@@ -367,6 +367,9 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert more.args[-3:] == ["--nfe", "4", "8"] and more.done.name == "eval-final-n1000-nfe4-nfe8.json"
     ode = next(t for t in todo if t.what == "soflow seed 0: eval with Heun at 2, 4, 8, 17, 35 NFE")  # its velocity ODE
     assert ode.args[-2:] == ["--solver", "heun"] and ode.done.name.endswith("-nfe35-heun.json")
+    euler = next(t for t in todo if t.what == "fm-tuned seed 0: eval with Euler at 2, 3, 4, 5 NFE")  # fm's best few
+    assert euler.args[-7:] == ["--nfe", "2", "3", "4", "5", "--solver", "euler"]
+    assert euler.done == plan.run("fm-tuned", 0) / "eval-final-n1000-nfe2-nfe3-nfe4-nfe5-euler.json"
     curve = next(t for t in todo if t.what == "fm seed 0: eval at 3, 5, 9, 17 NFE")  # the baselines' NFE curves
     assert curve.args[-5:] == ["--nfe", "3", "5", "9", "17"]
     assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
@@ -381,7 +384,10 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0, 1]), a3, tmp_path, tmp_path)
             if ":" not in t.what] == ["ldm seed 0", "ilct seed 0", "ilcd seed 0", "ldm seed 1", "ilct seed 1",
                                       "ilcd seed 1"]
-    assert all(name in board.ENTRIES for pair in board.PAIRS for name in pair)  # no comparison of a missing entry
+    # no comparison of a missing entry or solver ("NAME@SOLVER": one of the entry's ODE rows)
+    assert all(name.split("@")[0] in board.ENTRIES for pair in board.PAIRS for name in pair)
+    assert all(name.split("@")[1] in dict(board.ENTRIES[name.split("@")[0]].ode)
+               for pair in board.PAIRS for name in pair if "@" in name)
     # a report from fake evaluations: ldm at 35 NFE, ilct-tuned at 1 and 2 NFE, slct from scratch; 3 seeds each
     for seed, (fd_ldm, fd_tuned) in enumerate([(100.0, 80.0), (101.0, 81.0), (99.0, 79.0)]):
         for name, results in (("ldm", [dict(nfe=35, fd=fd_ldm)]),
