@@ -91,6 +91,20 @@ def tasks(a, ref: Path) -> list:
     return out
 
 
+def kurtosis(a, strength: str) -> float | None:
+    """The latents' excess kurtosis as `slct analyze --normalization per-element` reports it (4,096 samples, the
+    authors' standardisation, all values pooled; docs/data.md's table): the x axis of the finding and the number
+    `slct analyze` advises from. None: the latents are not here."""
+    from slct.analyze import STANDARDIZE, box_stats, load_latents
+    from slct.data import LatentDataset
+
+    path = data_dir(a, strength)
+    if not (path / "manifest.json").exists():
+        return None
+    x = STANDARDIZE["per-element"](load_latents(LatentDataset(path, normalization="none"), 4096))
+    return box_stats(x)["excess_kurtosis"]
+
+
 def summarize(a) -> list[dict]:
     out = []
     for strength in a.strengths:
@@ -130,7 +144,7 @@ def comparisons(summary: list[dict], a) -> list[dict]:
     return out
 
 
-def figure(summary: list[dict], a, path: Path) -> None:
+def figure(summary: list[dict], a, path: Path, kurt: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,8 +157,9 @@ def figure(summary: list[dict], a, path: Path) -> None:
         if pts:
             x, y, e = zip(*sorted(pts))
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
-    ax.set_xticks(range(len(a.strengths)), [tag(s) for s in a.strengths])
-    ax.set_xlabel("latent outliers (the outlier codec's strength)")
+    ax.set_xticks(range(len(a.strengths)), [tag(s) + ("" if kurt.get(s) is None else f"\nkurtosis {kurt[s]:.0f}")
+                                            for s in a.strengths])
+    ax.set_xlabel("latent outliers (the outlier codec's strength; the latents' excess kurtosis)")
     ax.set_ylabel("1-step FD (MobileNetV2), mean +- sd")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -155,13 +170,15 @@ def figure(summary: list[dict], a, path: Path) -> None:
 def report(a) -> Path:
     summary = summarize(a)
     pairs = comparisons(summary, a)
+    kurt = {s: kurtosis(a, s) for s in a.strengths}
     stem = f"premise-utkface64-{a.steps}steps"
     results = ablation.RESULTS
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = machine()
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command="python benchmarks/premise.py", date=date, machine=info, steps=a.steps, n_eval=a.n_eval,
-                  strengths=a.strengths, methods=a.methods, seeds=a.seeds), summary=summary, comparisons=pairs),
+                  strengths=a.strengths, methods=a.methods, seeds=a.seeds), kurtosis=kurt, summary=summary,
+        comparisons=pairs),
         indent=1) + "\n")
     lines = [f"# The paper's premise: iLCT and sLCT on latents with impulsive outliers ({a.steps} steps)", "",
              f"- Command: `python benchmarks/premise.py` ({date}); {info['cpu']}, {info['cpu_cores']} cores",
@@ -169,7 +186,9 @@ def report(a) -> Path:
              f"FD-MobileNetV2 of {a.n_eval} samples (decoded through the inverse) against the held-out faces, "
              "ramp-up EMA; mean +- sd over seeds", "",
              "| method | NFE | " + " | ".join(tag(s) for s in a.strengths) + " |",
-             "|---|---:|" + "---:|" * len(a.strengths)]
+             "|---|---:|" + "---:|" * len(a.strengths),
+             "| (latents' excess kurtosis) | | " + " | ".join("-" if kurt[s] is None else f"{kurt[s]:.2f}"
+                                                             for s in a.strengths) + " |"]
     rows = {(s["strength"], s["method"], s["nfe"]): s for s in summary}
     for method in a.methods:
         for nfe in (1, 2):
@@ -187,7 +206,7 @@ def report(a) -> Path:
             lines.append(f"- {tag(c['strength'])}, {c['nfe']} NFE: {c['better']} vs {c['than']}: "
                          f"{c['fd_difference']:+.1f} ({2 * c['pooled_sd']:.1f}): lower beyond 2 pooled sd: "
                          f"{verdict}{flip}")
-    figure(summary, a, results / f"{stem}.png")
+    figure(summary, a, results / f"{stem}.png", kurt)
     lines += ["", f"![FD against strength]({stem}.png)"]
     out = results / f"{stem}.md"
     out.write_text("\n".join(lines) + "\n")

@@ -552,7 +552,19 @@ def test_premise_plans_every_strength_and_judges_slct_against_ilct_per_strength(
             (run / "eval-final-n1000.json").write_text(json.dumps(
                 {"results": [dict(nfe=1, fd=base + seed), dict(nfe=2, fd=base + 10 + seed)]}))
     a.methods = ["ilct", "slct"]
+    import numpy as np  # the spike latents' kurtosis (per-element, as `slct analyze` advises from); plain's are absent
+    from slct.data import encode_dataset
+    from slct.data.sources import ArraySource
+
+    images = np.random.default_rng(0).normal(127, 30, (64, 8, 8, 3)).clip(0, 255).astype(np.uint8)
+    encode_dataset(ArraySource(images), premise.data_dir(a, "spike:10"),
+                   {"name": "outliers", "base": {"name": "identity"}, "strength": 20.0}, 8, num_workers=0,
+                   progress=False)
+    kurt = premise.kurtosis(a, "spike:10")
+    assert kurt > 10 and premise.kurtosis(a, "1") is None
     text = premise.report(a).read_text()
+    assert f"| (latents' excess kurtosis) | | - | {kurt:.2f} |" in text
+    assert json.loads((tmp_path / "premise-utkface64-100steps.json").read_text())["kurtosis"]["spike:10"] == kurt
     assert "| slct | 1 | - | 121.0 +- 1.0 (3) |" in text
     assert "- spike10, 1 NFE: slct vs ilct: +30.0 (2.0): lower beyond 2 pooled sd: **yes**" in text
     assert (tmp_path / "premise-utkface64-100steps.png").stat().st_size > 0
