@@ -149,4 +149,33 @@ def test_plain_and_outlier_latents_side_by_side(tmp_path, capsys):
     summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["datasets"]
     kurt = {name: d["panels"]["latents data"]["excess_kurtosis"] for name, d in summary.items()}
     assert kurt["spiky"] > kurt["plain"] + 10 and summary["spiky"]["codec"]["strength"] == 20.0
+    advice = {name: d["advice"] for name, d in summary.items()}  # each dataset's recipe, printed too
+    assert advice["spiky"]["kurtosis"] > advice["plain"]["kurtosis"] + 10
+    assert f"spiky: {advice['spiky']['text']}" in out
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 0 and (tmp_path / "cmp" / "plain").is_dir()
+
+
+def test_recipe_advice_follows_the_nearest_finding_at_or_below():
+    """`slct analyze`'s advice: the verdict of the measured finding at or below the latents' kurtosis (2 pooled sd
+    rule); below every finding the lowest one's; beyond the range said so; a tie picks ilct."""
+    from slct.analyze import PremiseFinding, recipe_advice
+
+    findings = (PremiseFinding("1", 0.2, 30.0, 8.0), PremiseFinding("spike:10", 100.0, 1.0, 6.0),
+                PremiseFinding("spike:30", 200.0, -12.0, 6.0))
+    assert [f.verdict for f in findings] == ["ilct", "tie", "slct"]
+    assert recipe_advice(0.1, findings)["preset"] == "ilct"
+    tie = recipe_advice(150.0, findings)
+    assert tie["preset"] == "ilct" and tie["threshold"] == 200.0 and "from kurtosis 200.0 on" in tie["text"]
+    high = recipe_advice(250.0, findings)
+    assert high["preset"] == "slct" and "beyond the measured range" in high["text"]
+    assert recipe_advice(5.0, findings[:2])["threshold"] is None
+    assert "at no kurtosis measured (up to 100.0)" in recipe_advice(5.0, findings[:2])["text"]
+    assert recipe_advice(5.0, ())["preset"] is None
+
+
+def test_latent_kurtosis_is_the_per_element_statistic():
+    from slct.analyze import STANDARDIZE, box_stats, latent_kurtosis
+
+    x = np.random.default_rng(0).standard_t(3, (256, 2, 3, 3)) * np.arange(1, 19).reshape(1, 2, 3, 3)
+    assert latent_kurtosis(x) == box_stats(STANDARDIZE["per-element"](x))["excess_kurtosis"]
+    assert abs(latent_kurtosis(np.random.default_rng(1).normal(size=(4096, 2, 3, 3)))) < 0.2

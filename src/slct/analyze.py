@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -333,6 +334,7 @@ def analyze(data_dir: str | os.PathLike, out_dir: str | os.PathLike, pixels: boo
         "samples": {name: int(len(x)) for name, x in spaces.items()}, "normalization": normalization,
         "fences_iqr": FENCES, "td": td_info,
         "panels": {f"{r} {c}": stats for (r, c), (_, stats, _, _) in panels.items()},
+        "advice": recipe_advice(latent_kurtosis(latents)),
     }
     (out_dir / "analysis.json").write_text(json.dumps(report, indent=1))
     plot_analysis(panels, out_dir / "analysis.png")
@@ -357,7 +359,7 @@ def compare(data_dirs: list, out_dir: str | os.PathLike, **kwargs) -> dict:
             combined[(f"{name} {row}", col)] = (x, stats, f"{name}: {title}", unit)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"datasets": {name: {"dataset": r["dataset"], "codec_id": r["codec_id"], "codec": r.get("codec"),
-                                   "panels": {k: v["all"] for k, v in r["panels"].items()}}
+                                   "panels": {k: v["all"] for k, v in r["panels"].items()}, "advice": r["advice"]}
                             for name, r in reports.items()}}
     (out_dir / "comparison.json").write_text(json.dumps(summary, indent=1))
     plot_analysis(combined, out_dir / "comparison.png")
@@ -373,3 +375,60 @@ def _refuse_flow(kind: str, path) -> None:
         raise ValueError(f"{path} is a {kind} model: the TD analysis measures consistency pairs f(x, sigma) (paper "
                          "section 4.1), which an average-velocity model does not define; analyze its latents without "
                          "--checkpoint, or a consistency run's checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which recipe the latents point to (the paper's premise, tested: benchmarks/premise.py)
+
+
+@dataclass(frozen=True)
+class PremiseFinding:
+    """iLCT against sLCT on one set of latents of the premise study (UTKFace 64 px, TAEF2 through the outlier codec,
+    unet-small, 2,000 steps, 3 seeds a side, 1-step FD)."""
+
+    strength: str  # the outlier codec's strength ("1": the plain codec)
+    kurtosis: float  # the latents' excess kurtosis, per-element standardised (as `latent_kurtosis` measures it)
+    slct_minus_ilct: float  # sLCT's mean 1-step FD minus iLCT's (negative: sLCT better)
+    two_pooled_sd: float  # the judging rule's margin: a difference beyond it decides
+
+    @property
+    def verdict(self) -> str:
+        """"slct" / "ilct": that recipe's FD is lower by more than 2 pooled sd; "tie": neither."""
+        if self.slct_minus_ilct < -self.two_pooled_sd:
+            return "slct"
+        return "ilct" if self.slct_minus_ilct > self.two_pooled_sd else "tie"
+
+
+# benchmarks/results/premise-utkface64-2000steps.json (`python benchmarks/premise.py`); tests/test_analyze.py holds
+# these equal to that report
+PREMISE_FINDINGS: tuple[PremiseFinding, ...] = ()
+PREMISE_EVIDENCE = "docs/results.md, 'The paper's premise, tested' (benchmarks/results/premise-utkface64-2000steps.md)"
+
+
+def latent_kurtosis(latents: np.ndarray) -> float:
+    """Excess kurtosis of latents (N, C, H, W) standardised per element (the authors' normalisation), all values
+    pooled: the statistic the premise study's strengths are placed by."""
+    return box_stats(STANDARDIZE["per-element"](latents))["excess_kurtosis"]
+
+
+def recipe_advice(kurtosis: float, findings: tuple[PremiseFinding, ...] = PREMISE_FINDINGS) -> dict[str, Any]:
+    """Which preset (ilct or slct) latents of this excess kurtosis point to, from the measured findings: the verdict
+    of the nearest finding at or below it (the lowest one when it lies below all), so advice never rests on a gain
+    measured only at higher kurtosis. ``threshold``: the lowest kurtosis at which sLCT beat iLCT (None: nowhere)."""
+    ordered = sorted(findings, key=lambda f: f.kurtosis)
+    if not ordered:
+        return dict(preset=None, kurtosis=kurtosis, threshold=None,
+                    text="no premise study measured yet: compare `--preset ilct` and `--preset slct` on your data")
+    wins = [f.kurtosis for f in ordered if f.verdict == "slct"]
+    threshold = wins[0] if wins else None
+    below = [f for f in ordered if f.kurtosis <= kurtosis]
+    near = below[-1] if below else ordered[0]
+    preset = "slct" if near.verdict == "slct" else "ilct"  # a tie: the simpler, cheaper recipe
+    measured = ", ".join(f"{f.kurtosis:.1f}: {f.verdict}" for f in ordered)
+    where = (f"sLCT beat iLCT from kurtosis {threshold:.1f} on" if threshold is not None
+             else f"sLCT beat iLCT at no kurtosis measured (up to {ordered[-1].kurtosis:.1f})")
+    text = (f"latents' excess kurtosis {kurtosis:.2f} (per-element): train `--preset {preset}`. "
+            f"Measured (kurtosis: the 1-step winner by 2 pooled sd) {measured}; {where}")
+    if kurtosis > ordered[-1].kurtosis:
+        text += f"; yours lies beyond the measured range: worth training both"
+    return dict(preset=preset, kurtosis=kurtosis, threshold=threshold, text=f"{text}. Evidence: {PREMISE_EVIDENCE}")

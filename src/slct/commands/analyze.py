@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "box plots, fence fractions and kurtosis of latents (and pixels, and TDs): the paper's Figure 1"
+HELP = ("box plots, fence fractions and kurtosis of latents (and pixels, and TDs): the paper's Figure 1; and which "
+        "recipe (ilct or slct) the latents' kurtosis points to")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("several datasets are analysed side by side into one folder: pass --out DIR")
         result = compare(args.data_dir, args.out, **options)
         print(format_table(result))
+        for name, report in result["reports"].items():
+            print(f"{name}: {report['advice']['text']}")
         print(f"wrote {Path(args.out) / 'comparison.png'} and {Path(args.out) / 'comparison.json'} (and one "
               "analysis per dataset beside them)")
         return 0
@@ -54,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{report['dataset']}: {report['codec_id']}, {report['image_resolution']} px, data in {unit} "
           f"({args.normalization}); fences at {report['fences_iqr']['inner']} and {report['fences_iqr']['outer']} IQR")
     print(format_table(report))
+    print(report["advice"]["text"])
     print(f"wrote {out / 'analysis.png'} and {out / 'analysis.json'}")
     return 0
