@@ -132,6 +132,8 @@ def comparisons(summary: list[dict], a) -> list[dict]:
     """At each strength and NFE: sLCT against iLCT (both ways), and each rung against the one before it."""
     rows = {(s["strength"], s["method"], s["nfe"]): s for s in summary}
     pairs = [("slct", "ilct")] + [(b, m) for m, b in zip(METHODS, METHODS[1:])]
+    # the loss side's later rungs at once, and all of it (for a board without the middle rungs)
+    pairs += [("ladder-adaptive-c", "ladder-cauchy"), ("ladder-adaptive-c", "ilct")]
     out = []
     for strength in a.strengths:
         for better, than in pairs:
@@ -142,6 +144,15 @@ def comparisons(summary: list[dict], a) -> list[dict]:
                     out.append(dict(strength=strength, better=better, than=than, nfe=nfe, fd_difference=diff,
                                     pooled_sd=pooled, beats=verdict, worse=ablation.beats(other, mine)[2]))
     return out
+
+
+def findings(pairs: list[dict], kurt: dict) -> list[dict]:
+    """What `slct analyze` advises from (slct.analyze.PREMISE_FINDINGS): per strength with latents here, sLCT's
+    1-step FD minus iLCT's and 2 pooled sd, where both were scored on 3 seeds."""
+    return [dict(strength=c["strength"], kurtosis=kurt[c["strength"]], slct_minus_ilct=-c["fd_difference"],
+                 two_pooled_sd=2 * c["pooled_sd"]) for c in pairs
+            if (c["better"], c["than"], c["nfe"]) == ("slct", "ilct", 1) and c["beats"] is not None
+            and kurt.get(c["strength"]) is not None]
 
 
 def figure(summary: list[dict], a, path: Path, kurt: dict) -> None:
@@ -178,7 +189,7 @@ def report(a) -> Path:
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command="python benchmarks/premise.py", date=date, machine=info, steps=a.steps, n_eval=a.n_eval,
                   strengths=a.strengths, methods=a.methods, seeds=a.seeds), kurtosis=kurt, summary=summary,
-        comparisons=pairs),
+        comparisons=pairs, findings=findings(pairs, kurt)),
         indent=1) + "\n")
     lines = [f"# The paper's premise: iLCT and sLCT on latents with impulsive outliers ({a.steps} steps)", "",
              f"- Command: `python benchmarks/premise.py` ({date}); {info['cpu']}, {info['cpu_cores']} cores",
