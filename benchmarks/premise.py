@@ -178,6 +178,31 @@ def figure(summary: list[dict], a, path: Path, kurt: dict) -> None:
     plt.close(fig)
 
 
+def sample_strip(a, path: Path) -> bool:
+    """The first row of each seed-0 run's final 1-step sample grid (the run's own `samples/`), one row per
+    (strength, method) whose run folder is here, labelled; False when there is none."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for strength in a.strengths:
+        for method in a.methods:
+            grid = run_dir(a, strength, method, 0) / "samples" / f"step-{a.steps:08d}-nfe1.png"
+            if grid.exists():
+                image = Image.open(grid).convert("RGB")
+                rows.append((f"{tag(strength)}\n{method}", image.crop((0, 0, image.width, image.height // 8))))
+    if not rows:
+        return False
+    label = 110
+    out = Image.new("RGB", (label + max(r.width for _, r in rows), sum(r.height for _, r in rows)), "white")
+    y = 0
+    for text, row in rows:
+        out.paste(row, (label, y))
+        ImageDraw.Draw(out).multiline_text((4, y + 4), text, fill="black")
+        y += row.height
+    out.save(path)
+    return True
+
+
 def report(a) -> Path:
     summary = summarize(a)
     pairs = comparisons(summary, a)
@@ -219,6 +244,9 @@ def report(a) -> Path:
                          f"{verdict}{flip}")
     figure(summary, a, results / f"{stem}.png", kurt)
     lines += ["", f"![FD against strength]({stem}.png)"]
+    if sample_strip(a, results / f"{stem}-samples.png"):
+        lines += ["", "1-step samples, seed 0, final step (the first row of each run's grid; decoded through the "
+                  "inverse):", "", f"![samples]({stem}-samples.png)"]
     out = results / f"{stem}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -570,3 +570,11 @@ def test_premise_plans_every_strength_and_judges_slct_against_ilct_per_strength(
     assert "| slct | 1 | - | 121.0 +- 1.0 (3) |" in text
     assert "- spike10, 1 NFE: slct vs ilct: +30.0 (2.0): lower beyond 2 pooled sd: **yes**" in text
     assert (tmp_path / "premise-utkface64-100steps.png").stat().st_size > 0
+    assert "![samples]" not in text  # no run wrote sample grids: no strip
+    from PIL import Image
+
+    grid = premise.run_dir(a, "spike:10", "slct", 0) / "samples" / "step-00000100-nfe1.png"
+    grid.parent.mkdir()
+    Image.new("RGB", (80, 80), "red").save(grid)
+    assert "![samples](premise-utkface64-100steps-samples.png)" in premise.report(a).read_text()
+    assert Image.open(tmp_path / "premise-utkface64-100steps-samples.png").size == (110 + 80, 10)
