@@ -179,3 +179,19 @@ def test_latent_kurtosis_is_the_per_element_statistic():
     x = np.random.default_rng(0).standard_t(3, (256, 2, 3, 3)) * np.arange(1, 19).reshape(1, 2, 3, 3)
     assert latent_kurtosis(x) == box_stats(STANDARDIZE["per-element"](x))["excess_kurtosis"]
     assert abs(latent_kurtosis(np.random.default_rng(1).normal(size=(4096, 2, 3, 3)))) < 0.2
+
+
+def test_the_advice_rests_on_the_committed_premise_report():
+    """slct.analyze.PREMISE_FINDINGS are the findings of benchmarks/results/premise-utkface64-2000steps.json (the
+    command `python benchmarks/premise.py`), rounded: the advice `slct analyze` prints is measured, not typed in."""
+    from pathlib import Path
+
+    from slct.analyze import PREMISE_FINDINGS
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "premise-utkface64-2000steps.json"
+    measured = json.loads(path.read_text())["findings"]
+    assert [f.strength for f in PREMISE_FINDINGS] == [m["strength"] for m in measured] and measured
+    for f, m in zip(PREMISE_FINDINGS, measured):
+        assert f.kurtosis == pytest.approx(m["kurtosis"], abs=0.01)
+        assert f.slct_minus_ilct == pytest.approx(m["slct_minus_ilct"], abs=0.05)
+        assert f.two_pooled_sd == pytest.approx(m["two_pooled_sd"], abs=0.05)
