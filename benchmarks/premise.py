@@ -95,14 +95,13 @@ def kurtosis(a, strength: str) -> float | None:
     """The latents' excess kurtosis as `slct analyze --normalization per-element` reports it (4,096 samples, the
     authors' standardisation, all values pooled; docs/data.md's table): the x axis of the finding and the number
     `slct analyze` advises from. None: the latents are not here."""
-    from slct.analyze import STANDARDIZE, box_stats, load_latents
+    from slct.analyze import latent_kurtosis, load_latents
     from slct.data import LatentDataset
 
     path = data_dir(a, strength)
     if not (path / "manifest.json").exists():
         return None
-    x = STANDARDIZE["per-element"](load_latents(LatentDataset(path, normalization="none"), 4096))
-    return box_stats(x)["excess_kurtosis"]
+    return latent_kurtosis(load_latents(LatentDataset(path, normalization="none"), 4096))
 
 
 def summarize(a) -> list[dict]:
