@@ -128,11 +128,12 @@ def summarize(a) -> list[dict]:
 
 
 def comparisons(summary: list[dict], a) -> list[dict]:
-    """At each strength and NFE: sLCT against iLCT (both ways), and each rung against the one before it."""
+    """At each strength and NFE: every recipe against iLCT, and each rung against the one before it."""
     rows = {(s["strength"], s["method"], s["nfe"]): s for s in summary}
-    pairs = [("slct", "ilct")] + [(b, m) for m, b in zip(METHODS, METHODS[1:])]
-    # the loss side's later rungs at once, and all of it (for a board without the middle rungs)
-    pairs += [("ladder-adaptive-c", "ladder-cauchy"), ("ladder-adaptive-c", "ilct")]
+    # every recipe against iLCT (where the order flips), then the ladder rung by rung (which part buys it), and the
+    # loss side's later rungs at once (for a board without the middle rungs)
+    pairs = [(m, "ilct") for m in METHODS[::-1] if m != "ilct"]
+    pairs += [(b, m) for m, b in zip(METHODS, METHODS[1:]) if m != "ilct"] + [("ladder-adaptive-c", "ladder-cauchy")]
     out = []
     for strength in a.strengths:
         for better, than in pairs:
@@ -146,11 +147,11 @@ def comparisons(summary: list[dict], a) -> list[dict]:
 
 
 def findings(pairs: list[dict], kurt: dict) -> list[dict]:
-    """What `slct analyze` advises from (slct.analyze.PREMISE_FINDINGS): per strength with latents here, sLCT's
-    1-step FD minus iLCT's and 2 pooled sd, where both were scored on 3 seeds."""
-    return [dict(strength=c["strength"], kurtosis=kurt[c["strength"]], slct_minus_ilct=-c["fd_difference"],
-                 two_pooled_sd=2 * c["pooled_sd"]) for c in pairs
-            if (c["better"], c["than"], c["nfe"]) == ("slct", "ilct", 1) and c["beats"] is not None
+    """What `slct analyze` advises from (slct.analyze.PREMISE_FINDINGS): per strength with latents here and per
+    recipe, its 1-step FD minus iLCT's and 2 pooled sd, where both were scored on 3 seeds."""
+    return [dict(strength=c["strength"], kurtosis=kurt[c["strength"]], method=c["better"],
+                 minus_ilct=-c["fd_difference"], two_pooled_sd=2 * c["pooled_sd"]) for c in pairs
+            if c["than"] == "ilct" and c["nfe"] == 1 and c["beats"] is not None
             and kurt.get(c["strength"]) is not None]
 
 

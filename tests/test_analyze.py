@@ -156,20 +156,28 @@ def test_plain_and_outlier_latents_side_by_side(tmp_path, capsys):
 
 
 def test_recipe_advice_follows_the_nearest_finding_at_or_below():
-    """`slct analyze`'s advice: the verdict of the measured finding at or below the latents' kurtosis (2 pooled sd
-    rule); below every finding the lowest one's; beyond the range said so; a tie picks ilct."""
+    """`slct analyze`'s advice: at the measured kurtosis at or below the latents' (below every one: the lowest), the
+    recipe that beat iLCT by the most beyond 2 pooled sd, else ilct; beyond the range said so."""
     from slct.analyze import PremiseFinding, recipe_advice
 
-    findings = (PremiseFinding("1", 0.2, 30.0, 8.0), PremiseFinding("spike:10", 100.0, 1.0, 6.0),
-                PremiseFinding("spike:30", 200.0, -12.0, 6.0))
-    assert [f.verdict for f in findings] == ["ilct", "tie", "slct"]
-    assert recipe_advice(0.1, findings)["preset"] == "ilct"
+    F = PremiseFinding
+    findings = (F("1", 0.2, "slct", 30.0, 8.0), F("1", 0.2, "ladder-cauchy", 9.0, 4.0),
+                F("spike:10", 100.0, "slct", 1.0, 6.0), F("spike:10", 100.0, "ladder-cauchy", -2.0, 6.0),
+                F("spike:30", 200.0, "slct", -12.0, 6.0), F("spike:30", 200.0, "ladder-cauchy", -20.0, 6.0),
+                F("spike:30", 200.0, "ladder-diff", -3.0, 6.0))
+    assert [f.verdict for f in findings] == ["ilct", "ilct", "tie", "tie", "slct", "ladder-cauchy", "tie"]
+    low = recipe_advice(0.1, findings)
+    assert low["preset"] == "ilct" and "no recipe beat iLCT; it beat ladder-cauchy, slct" in low["text"]
     tie = recipe_advice(150.0, findings)
-    assert tie["preset"] == "ilct" and tie["threshold"] == 200.0 and "from kurtosis 200.0 on" in tie["text"]
-    high = recipe_advice(250.0, findings)
-    assert high["preset"] == "slct" and "beyond the measured range" in high["text"]
-    assert recipe_advice(5.0, findings[:2])["threshold"] is None
-    assert "at no kurtosis measured (up to 100.0)" in recipe_advice(5.0, findings[:2])["text"]
+    assert tie["preset"] == "ilct" and "no recipe beat iLCT, and it is the simplest" in tie["text"]
+    assert tie["threshold"] == 200.0 and tie["threshold_preset"] == "ladder-cauchy"
+    assert "from kurtosis 200.0 on (ladder-cauchy)" in tie["text"]
+    high = recipe_advice(250.0, findings)  # the larger of the two wins
+    assert high["preset"] == "ladder-cauchy" and "beyond the measured range" in high["text"]
+    assert "ladder-cauchy beat iLCT by 20.0, 2 pooled sd 6.0" in recipe_advice(200.0, findings)["text"]
+    assert "200.00: ladder-cauchy -20.0 (6.0), slct -12.0 (6.0), ladder-diff -3.0 (6.0)" in high["text"]
+    assert recipe_advice(5.0, findings[:4])["threshold"] is None
+    assert "at any kurtosis measured (up to 100.0)" in recipe_advice(5.0, findings[:4])["text"]
     assert recipe_advice(5.0, ())["preset"] is None
 
 
@@ -190,8 +198,9 @@ def test_the_advice_rests_on_the_committed_premise_report():
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "premise-utkface64-2000steps.json"
     measured = json.loads(path.read_text())["findings"]
-    assert [f.strength for f in PREMISE_FINDINGS] == [m["strength"] for m in measured] and measured
+    assert [(f.strength, f.method) for f in PREMISE_FINDINGS] == [(m["strength"], m["method"]) for m in measured]
+    assert measured
     for f, m in zip(PREMISE_FINDINGS, measured):
         assert f.kurtosis == pytest.approx(m["kurtosis"], abs=0.01)
-        assert f.slct_minus_ilct == pytest.approx(m["slct_minus_ilct"], abs=0.05)
+        assert f.minus_ilct == pytest.approx(m["minus_ilct"], abs=0.05)
         assert f.two_pooled_sd == pytest.approx(m["two_pooled_sd"], abs=0.05)

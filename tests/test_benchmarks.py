@@ -566,7 +566,8 @@ def test_premise_plans_every_strength_and_judges_slct_against_ilct_per_strength(
     assert f"| (latents' excess kurtosis) | | - | {kurt:.2f} |" in text
     saved = json.loads((tmp_path / "premise-utkface64-100steps.json").read_text())
     assert saved["kurtosis"]["spike:10"] == kurt  # what `slct analyze` advises from (3 seeds a side, 1 NFE)
-    assert saved["findings"] == [dict(strength="spike:10", kurtosis=kurt, slct_minus_ilct=-30.0, two_pooled_sd=2.0)]
+    assert saved["findings"] == [dict(strength="spike:10", kurtosis=kurt, method="slct", minus_ilct=-30.0,
+                                     two_pooled_sd=2.0)]
     assert "| slct | 1 | - | 121.0 +- 1.0 (3) |" in text
     assert "- spike10, 1 NFE: slct vs ilct: +30.0 (2.0): lower beyond 2 pooled sd: **yes**" in text
     assert (tmp_path / "premise-utkface64-100steps.png").stat().st_size > 0

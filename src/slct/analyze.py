@@ -383,28 +383,34 @@ def _refuse_flow(kind: str, path) -> None:
 
 @dataclass(frozen=True)
 class PremiseFinding:
-    """iLCT against sLCT on one set of latents of the premise study (UTKFace 64 px, TAEF2 through the outlier codec,
-    unet-small, 2,000 steps, 3 seeds a side, 1-step FD)."""
+    """One recipe against iLCT on one set of latents of the premise study (UTKFace 64 px, TAEF2 through the outlier
+    codec, unet-small, 2,000 steps, 3 seeds a side, 1-step FD). ``method`` is a preset: ``slct`` or a rung of the
+    paper's Table 2a ladder (``ladder-cauchy`` ... ``ladder-adaptive-c``)."""
 
     strength: str  # the outlier codec's strength ("1": the plain codec)
     kurtosis: float  # the latents' excess kurtosis, per-element standardised (as `latent_kurtosis` measures it)
-    slct_minus_ilct: float  # sLCT's mean 1-step FD minus iLCT's (negative: sLCT better)
+    method: str  # the preset compared with ilct
+    minus_ilct: float  # its mean 1-step FD minus iLCT's (negative: it is better)
     two_pooled_sd: float  # the judging rule's margin: a difference beyond it decides
 
     @property
     def verdict(self) -> str:
-        """"slct" / "ilct": that recipe's FD is lower by more than 2 pooled sd; "tie": neither."""
-        if self.slct_minus_ilct < -self.two_pooled_sd:
-            return "slct"
-        return "ilct" if self.slct_minus_ilct > self.two_pooled_sd else "tie"
+        """``method`` / "ilct": that recipe's FD is lower by more than 2 pooled sd; "tie": neither."""
+        if self.minus_ilct < -self.two_pooled_sd:
+            return self.method
+        return "ilct" if self.minus_ilct > self.two_pooled_sd else "tie"
 
 
 # benchmarks/results/premise-utkface64-2000steps.json (`python benchmarks/premise.py`); tests/test_analyze.py holds
 # these equal to that report
 PREMISE_FINDINGS: tuple[PremiseFinding, ...] = (
-    PremiseFinding("1", 0.18, 29.84, 7.95),  # TAEF2 as it is: iLCT better
-    PremiseFinding("spike:10", 141.97, 22.55, 57.57),  # a tie: sLCT's seeds spread 250-325
-    PremiseFinding("spike:30", 321.67, -28.39, 145.62),  # a tie: sLCT lower on the mean, seeds spread 391-583
+    PremiseFinding("1", 0.18, "slct", 29.84, 7.95),  # TAEF2 as it is: iLCT better than sLCT
+    PremiseFinding("1", 0.18, "ladder-adaptive-c", 9.09, 3.90),  # ... and than sLCT without NsLN
+    PremiseFinding("1", 0.18, "ladder-cauchy", 2.34, 3.57),  # a tie
+    PremiseFinding("spike:10", 141.97, "slct", 22.55, 57.57),  # a tie: sLCT's seeds spread 250-325
+    PremiseFinding("spike:30", 321.67, "slct", -28.39, 145.62),  # a tie: sLCT's seeds spread 391-583
+    PremiseFinding("spike:30", 321.67, "ladder-adaptive-c", 43.08, 128.18),  # a tie: seeds 584, 434, 595
+    PremiseFinding("spike:30", 321.67, "ladder-cauchy", -27.06, 46.11),  # a tie: seeds 473, 434, 496
 )
 PREMISE_EVIDENCE = "docs/results.md, 'The paper's premise, tested' (benchmarks/results/premise-utkface64-2000steps.md)"
 
@@ -416,26 +422,34 @@ def latent_kurtosis(latents: np.ndarray) -> float:
 
 
 def recipe_advice(kurtosis: float, findings: tuple[PremiseFinding, ...] = PREMISE_FINDINGS) -> dict[str, Any]:
-    """Which preset (ilct or slct) latents of this excess kurtosis point to, from the measured findings: the verdict
-    of the nearest finding at or below it (the lowest one when it lies below all), so advice never rests on a gain
-    measured only at higher kurtosis. ``threshold``: the lowest kurtosis at which sLCT beat iLCT (None: nowhere)."""
-    ordered = sorted(findings, key=lambda f: f.kurtosis)
-    if not ordered:
-        return dict(preset=None, kurtosis=kurtosis, threshold=None,
+    """Which preset latents of this excess kurtosis point to, from the measured findings: at the nearest measured
+    kurtosis at or below it (the lowest one when it lies below all, so advice never rests on a gain measured only at
+    higher kurtosis), the recipe that beat iLCT by the most (beyond 2 pooled sd), else ilct. ``threshold``: the
+    lowest kurtosis at which any recipe beat iLCT (None: nowhere), ``threshold_preset`` that recipe."""
+    levels = sorted({f.kurtosis for f in findings})
+    if not levels:
+        return dict(preset=None, kurtosis=kurtosis, threshold=None, threshold_preset=None,
                     text="no premise study measured yet: compare `--preset ilct` and `--preset slct` on your data")
-    wins = [f.kurtosis for f in ordered if f.verdict == "slct"]
-    threshold = wins[0] if wins else None
-    below = [f for f in ordered if f.kurtosis <= kurtosis]
-    near = below[-1] if below else ordered[0]
-    preset = "slct" if near.verdict == "slct" else "ilct"  # a tie: the simpler recipe, with the steadier seeds
-    measured = ", ".join(f"{f.kurtosis:.2f}: {f.verdict} (sLCT - iLCT {f.slct_minus_ilct:+.1f}, 2 pooled sd "
-                         f"{f.two_pooled_sd:.1f})" for f in ordered)
-    where = (f"sLCT beat iLCT from kurtosis {threshold:.1f} on" if threshold is not None
-             else f"sLCT beat iLCT at no kurtosis measured (up to {ordered[-1].kurtosis:.1f})")
-    why = {"slct": "sLCT beat iLCT", "ilct": "iLCT beat sLCT", "tie": "a tie, and iLCT is the simpler recipe"}
+    at = {level: sorted((f for f in findings if f.kurtosis == level), key=lambda f: f.minus_ilct) for level in levels}
+    wins = {level: [f for f in at[level] if f.verdict == f.method] for level in levels}
+    first = next((level for level in levels if wins[level]), None)
+    near = max([level for level in levels if level <= kurtosis], default=levels[0])
+    best = wins[near][0] if wins[near] else None
+    preset = best.method if best else "ilct"  # no recipe better: the simpler one (a tie: the steadier seeds, too)
+    if best:
+        why = f"{best.method} beat iLCT by {-best.minus_ilct:.1f}, 2 pooled sd {best.two_pooled_sd:.1f}"
+    else:
+        losers = [f.method for f in at[near] if f.verdict == "ilct"]
+        why = "no recipe beat iLCT" + (f"; it beat {', '.join(losers)}" if losers else ", and it is the simplest")
+    measured = "; ".join(f"{level:.2f}: " + ", ".join(f"{f.method} {f.minus_ilct:+.1f} ({f.two_pooled_sd:.1f})"
+                                                        for f in at[level]) for level in levels)
+    where = (f"a recipe beat iLCT from kurtosis {first:.1f} on ({wins[first][0].method})" if first is not None
+             else f"no recipe beat iLCT at any kurtosis measured (up to {levels[-1]:.1f})")
     text = (f"latents' excess kurtosis {kurtosis:.2f} (per-element): train `--preset {preset}` (nearest measured "
-            f"kurtosis {near.kurtosis:.2f}: {why[near.verdict]}). Measured at UTKFace 64 px, 2,000 steps, 3 seeds "
-            f"(kurtosis: the 1-step winner by 2 pooled sd): {measured}; {where}")
-    if kurtosis > ordered[-1].kurtosis:
+            f"kurtosis {near:.2f}: {why}). Measured at UTKFace 64 px, 2,000 steps, 3 seeds (per kurtosis, each "
+            f"recipe's 1-step FD minus iLCT's, 2 pooled sd in brackets): {measured}; {where}")
+    if kurtosis > levels[-1]:
         text += "; yours lies beyond the measured range: worth training both"
-    return dict(preset=preset, kurtosis=kurtosis, threshold=threshold, text=f"{text}. Evidence: {PREMISE_EVIDENCE}")
+    return dict(preset=preset, kurtosis=kurtosis, threshold=first,
+                threshold_preset=wins[first][0].method if first is not None else None,
+                text=f"{text}. Evidence: {PREMISE_EVIDENCE}")

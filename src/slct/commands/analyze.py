@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 HELP = ("box plots, fence fractions and kurtosis of latents (and pixels, and TDs): the paper's Figure 1; and which "
-        "recipe (ilct or slct) the latents' kurtosis points to")
+        "recipe (ilct, slct or a ladder rung) the latents' kurtosis points to")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
