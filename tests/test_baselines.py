@@ -180,17 +180,23 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
     assert all(sum(getattr(p, k) != getattr(points[0], k) for k in sweep.GRID) == 1 for p in points[1:6])
     a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100"])
     todo = sweep.tasks(a, tmp_path / "data", tmp_path / "ref.npz")
-    assert len(todo) == 3 * 32 and todo[0].what.startswith("ldm-edm") and todo[3].what.startswith("fm")
+    assert len(todo) == 3 * 48 and [t.what.split("-")[0] for t in todo[:9:3]] == ["ldm", "fm", "soflow"]
     for task in todo:
         ns = build_parser().parse_args(task.args)
+        baseline = next(b for b in ("ldm-edm", "fm", "soflow") if task.what.startswith(b + "-"))
         if task.args[0] == "train":
             cfg = resolve(ns)
-            point = next(p for p in sweep.order(cfg.objective.kind == "fm" and "fm" or "ldm-edm")
-                         if task.what.startswith(p.name))
+            assert cfg.objective.kind == {"ldm-edm": "edm", "fm": "fm", "soflow": "soflow"}[baseline]
+            point = next(p for p in sweep.order(baseline) if task.what.startswith(p.name + " seed"))
             assert (cfg.optim.lr, cfg.optim.betas[1], cfg.network.dropout) == (point.lr, point.beta2, point.dropout)
             assert cfg.train.total_steps == 100
+        elif baseline == "soflow":  # its flow map at 2 steps, then 1, 4 and 8
+            assert ns.nfe == ([1, 4, 8] if "NFE" in task.what else [2])
         else:
             assert ns.nfe == ([3, 5, 9, 17] if "NFE" in task.what else [35])  # 35, then the leaderboard's curve
+    # SoFlow's centre is its preset's own point (beta2 0.99, dropout 0: the authors' ImageNet settings)
+    soflow = sweep.order("soflow")
+    assert (soflow[0].lr, soflow[0].beta2, soflow[0].dropout) == (1e-3, 0.99, 0.0) and len(set(soflow)) == 16
 
 
 def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
@@ -244,6 +250,27 @@ def test_sweep_report_ranks_the_points(tmp_path, monkeypatch):
     assert "| 0.001 | 0.999 | 0.1 | 50.0 | 60.0 | 40.0 | 45.0 | 49.0 | 40.0 (5) |" in text
     data = json.loads((results / "sweep-utkface64-100steps.json").read_text())
     assert len(data["rows"]) == 3 and data["best"]["ldm-edm"]["best_fd"] == 40.0
+
+
+def test_sweep_ranks_soflow_at_its_own_nfe_and_says_what_was_not_run(tmp_path):
+    """SoFlow's points are ranked by their 2-step FD (the NFE its comparison with the bar is made at), not by the
+    best over its curve; a swept entry with no point scored is named with the command that scores it."""
+    sweep = _sweep()
+    a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--baselines", "soflow", "fm"])
+    for i, point in enumerate(sweep.order("soflow")[:2]):
+        run = sweep.run_dir(tmp_path, 100, point, 0)
+        run.mkdir(parents=True)
+        (run / "eval-final-n1000-nfe2.json").write_text(json.dumps(
+            {"results": [{"nfe": 2, "fd": 80.0 + i, "precision": 0.5, "recall": 0.1}]}))
+        (run / "eval-final-n1000-nfe1-nfe4-nfe8.json").write_text(json.dumps(  # the second point's 8 steps lower
+            {"results": [{"nfe": 1, "fd": 120.0}, {"nfe": 4, "fd": 90.0}, {"nfe": 8, "fd": 70.0 if i else 95.0}]}))
+    results = tmp_path / "results"
+    results.mkdir()
+    text = sweep.report(a, results).read_text()
+    assert "## `soflow` (`--preset soflow`: lr 0.001, beta2 0.99, dropout 0)" in text
+    assert "Best: lr 0.001, beta2 0.99, dropout 0 (FD 80.0 at 2 NFE; the next point 1.0 higher; one seed; the " \
+           "points ranked by their FD at 2 NFE)." in text
+    assert "## `fm`: no point scored yet (`python benchmarks/sweep.py --baselines fm`)" in text
 
 
 def test_soflow_target_pass_runs_on_the_consistency_rows_only_and_changes_no_bit():
