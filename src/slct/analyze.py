@@ -410,6 +410,8 @@ PREMISE_FINDINGS: tuple[PremiseFinding, ...] = (
     PremiseFinding("spike:10", 141.97, "slct", 22.55, 57.57),  # a tie: sLCT's seeds spread 250-325
     PremiseFinding("spike:30", 321.67, "slct", -28.39, 145.62),  # a tie: sLCT's seeds spread 391-583
     PremiseFinding("spike:30", 321.67, "ladder-adaptive-c", 43.08, 128.18),  # a tie: seeds 584, 434, 595
+    PremiseFinding("spike:30", 321.67, "ladder-ot", 56.06, 79.04),  # a tie: seeds 602, 492, 557
+    PremiseFinding("spike:30", 321.67, "ladder-diff", 25.29, 91.86),  # a tie: seeds 573, 539, 448
     PremiseFinding("spike:30", 321.67, "ladder-cauchy", -27.06, 46.11),  # a tie: seeds 473, 434, 496
 )
 PREMISE_EVIDENCE = "docs/results.md, 'The paper's premise, tested' (benchmarks/results/premise-utkface64-2000steps.md)"
