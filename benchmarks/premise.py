@@ -162,12 +162,14 @@ def figure(summary: list[dict], a, path: Path, kurt: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in a.methods:
-        pts = [(a.strengths.index(s["strength"]), s["fd"], s["fd_sd"]) for s in summary
-               if s["method"] == method and s["nfe"] == 1]
-        if pts:
-            x, y, e = zip(*sorted(pts))
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
+    for k, method in enumerate(a.methods):
+        pts = {a.strengths.index(s["strength"]): (s["fd"], s["fd_sd"]) for s in summary
+               if s["method"] == method and s["nfe"] == 1}
+        if pts:  # a strength not scored is a gap (NaN breaks the line), not a straight line across it
+            y, e = zip(*(pts.get(i, (float("nan"), float("nan"))) for i in range(len(a.strengths))))
+            shift = 0.03 * (k - (len(a.methods) - 1) / 2)  # side by side, so the error bars stay readable
+            ax.errorbar([i + shift for i in range(len(a.strengths))], y, yerr=e, marker="o", capsize=3,
+                        label=method)
     ax.set_xticks(range(len(a.strengths)), [tag(s) + ("" if kurt.get(s) is None else f"\nkurtosis {kurt[s]:.0f}")
                                             for s in a.strengths])
     ax.set_xlabel("latent outliers (the outlier codec's strength; the latents' excess kurtosis)")
