@@ -11,8 +11,9 @@ Baselines (``BASELINES``): ``ldm-edm`` (the EDM diffusion baseline with EDM's ow
 ramp-up, no weight decay; scored with its Heun sampler at 35 NFE) and ``fm`` (conditional flow matching, scored with
 Heun at 35 NFE as well); and ``soflow``, the few-step method closest to the bar, given the same tuning effort
 (scored with its flow map at 2 NFE and ranked there: the NFE its comparison with the bar is made at; its centre is
-its preset's point, lr 1e-3, beta2 0.99, dropout 0). Grid (``GRID``): lr {5e-4, 1e-3, 2e-3, 4e-3} x beta2 {0.99, 0.999} x dropout {0, 0.1},
-16 points a baseline (4e-3 added when 2e-3 won: the best lr must lie inside the grid), run in ``order()``: the
+its preset's point, lr 1e-3, beta2 0.99, dropout 0). Grid (``GRID``): lr {5e-4, 1e-3, 2e-3, 4e-3} x beta2
+{0.99, 0.999} x dropout {0, 0.1}, 16 points a baseline (4e-3 added when 2e-3 won: the best lr must lie inside the
+grid), run in ``order()``: the
 preset's own point first, then its one-factor neighbours, then the rest, so a sweep stopped early has the most
 informative points. Every point is one `slct train` + two `slct eval` (MobileNetV2 FD on --n-eval samples against
 the held-out faces, the ramp-up EMA: at 35 NFE, then along the leaderboard's NFE curve 3-17, since at this budget FD
@@ -43,13 +44,13 @@ from common import load_sibling, machine  # noqa: E402
 ablation = load_sibling("ablation")
 leaderboard = load_sibling("leaderboard")
 
-# what is swept: its preset, the NFE it is scored at, its preset's own point (the sweep's centre: lr, beta2,
-# dropout) and whether it is ranked by its best FD along its NFE curve (the bar's rule: a baseline's best FD at
-# <= 35 NFE) or at its scoring NFE alone (a few-step method: the NFE its comparisons with the bar are made at)
-BASELINES = {"ldm-edm": dict(preset="ldm-edm", nfe=35, centre=(1e-3, 0.999, 0.1), rank_by_best=True),
-             "fm": dict(preset="fm", nfe=35, centre=(1e-3, 0.999, 0.1), rank_by_best=True),
+# what is swept: its preset, the NFE it is scored at, and whether it is ranked by its best FD along its NFE curve
+# (the bar's rule: a baseline's best FD at <= 35 NFE) or at its scoring NFE alone (a few-step method: the NFE its
+# comparisons with the bar are made at); its centre is its preset's own point (``centre``)
+BASELINES = {"ldm-edm": dict(preset="ldm-edm", nfe=35, rank_by_best=True),
+             "fm": dict(preset="fm", nfe=35, rank_by_best=True),
              # the few-step method given the baselines' tuning effort (its preset: the authors' ImageNet settings)
-             "soflow": dict(preset="soflow", nfe=2, centre=(1e-3, 0.99, 0.0), rank_by_best=False)}
+             "soflow": dict(preset="soflow", nfe=2, rank_by_best=False)}
 # every point also along an NFE curve: the leaderboard's for the baselines (FD need not fall with NFE at this
 # budget; the same file as the leaderboard's tuned entries: scored once), SoFlow's flow map at 1, 4 and 8 steps
 CURVE = {"ldm-edm": leaderboard.ENTRIES["ldm-edm"].more_nfe, "fm": leaderboard.ENTRIES["fm"].more_nfe,
@@ -72,12 +73,22 @@ class Point:
         return [f"optim.lr={self.lr!r}", f"optim.betas=[0.9, {self.beta2!r}]", f"network.dropout={self.dropout!r}"]
 
 
+def centre(baseline: str) -> dict[str, float]:
+    """The preset's own point on the grid's axes, read from its resolved config (with the utkface64 data preset)."""
+    from slct.config import load_config
+
+    cfg = load_config(BASELINES[baseline]["preset"], "utkface64")
+    point = dict(lr=cfg.optim.lr, beta2=cfg.optim.betas[1], dropout=cfg.network.dropout or 0.0)  # None: the net's 0
+    assert all(point[k] in GRID[k] for k in GRID), f"{baseline}'s preset point {point} is off the grid"
+    return point
+
+
 def order(baseline: str) -> list[Point]:
     """The grid's points, the centre (the preset's own point) first, then those differing from it in one factor,
     then two, then three."""
-    centre = dict(zip(GRID, BASELINES[baseline]["centre"]))
+    centre_ = centre(baseline)
     points = [Point(baseline, *combo) for combo in itertools.product(*GRID.values())]
-    distance = lambda p: sum(getattr(p, k) != centre[k] for k in GRID)  # noqa: E731
+    distance = lambda p: sum(getattr(p, k) != centre_[k] for k in GRID)  # noqa: E731
     return sorted(points, key=distance)  # stable: itertools' order within a distance
 
 
@@ -169,8 +180,8 @@ def report(a, results: Path) -> Path:
             lines += [f"## `{baseline}`: no point scored yet (`python benchmarks/sweep.py --baselines {baseline}`)", ""]
             continue
         curve, nfe = CURVE[baseline], BASELINES[baseline]["nfe"]
-        centre = ", ".join(f"{k} {v:g}" for k, v in zip(GRID, BASELINES[baseline]["centre"]))
-        lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`: {centre})", "",
+        point = ", ".join(f"{k} {v:g}" for k, v in centre(baseline).items())
+        lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`: {point})", "",
                   f"| lr | beta2 | dropout | FD at {nfe} NFE | " + " | ".join(f"FD at {k}" for k in curve)
                   + " | best FD (NFE) | precision | recall | s/step |", "|---:" * (8 + len(curve)) + "|"]
         for r in mine:

@@ -446,13 +446,13 @@ def recipe_advice(kurtosis: float, findings: tuple[PremiseFinding, ...] = PREMIS
         why = "no recipe beat iLCT" + (f"; it beat {', '.join(losers)}" if losers else ", and it is the simplest")
     measured = "; ".join(f"{level:.2f}: " + ", ".join(f"{f.method} {f.minus_ilct:+.1f} ({f.two_pooled_sd:.1f})"
                                                         for f in at[level]) for level in levels)
-    where = (f"a recipe beat iLCT from kurtosis {first:.1f} on ({wins[first][0].method})" if first is not None
+    first_preset = wins[first][0].method if first is not None else None
+    where = (f"a recipe beat iLCT from kurtosis {first:.1f} on ({first_preset})" if first is not None
              else f"no recipe beat iLCT at any kurtosis measured (up to {levels[-1]:.1f})")
     text = (f"latents' excess kurtosis {kurtosis:.2f} (per-element): train `--preset {preset}` (nearest measured "
             f"kurtosis {near:.2f}: {why}). Measured at UTKFace 64 px, 2,000 steps, 3 seeds (per kurtosis, each "
             f"recipe's 1-step FD minus iLCT's, 2 pooled sd in brackets): {measured}; {where}")
     if kurtosis > levels[-1]:
         text += "; yours lies beyond the measured range: worth training both"
-    return dict(preset=preset, kurtosis=kurtosis, threshold=first,
-                threshold_preset=wins[first][0].method if first is not None else None,
+    return dict(preset=preset, kurtosis=kurtosis, threshold=first, threshold_preset=first_preset,
                 text=f"{text}. Evidence: {PREMISE_EVIDENCE}")
