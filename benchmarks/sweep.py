@@ -49,8 +49,9 @@ leaderboard = load_sibling("leaderboard")
 # comparisons with the bar are made at); its centre is its preset's own point (``centre``)
 BASELINES = {"ldm-edm": dict(preset="ldm-edm", nfe=35, rank_by_best=True),
              "fm": dict(preset="fm", nfe=35, rank_by_best=True),
-             # the few-step method given the baselines' tuning effort (its preset: the authors' ImageNet settings)
-             "soflow": dict(preset="soflow", nfe=2, rank_by_best=False)}
+             # the few-step method given the baselines' tuning effort (its preset: the authors' ImageNet settings);
+             # its centre is the leaderboard's `soflow` entry, the same command: that entry's runs are the centre's
+             "soflow": dict(preset="soflow", nfe=2, rank_by_best=False, centre_entry="soflow")}
 # every point also along an NFE curve: the leaderboard's for the baselines (FD need not fall with NFE at this
 # budget; the same file as the leaderboard's tuned entries: scored once), SoFlow's flow map at 1, 4 and 8 steps
 CURVE = {"ldm-edm": leaderboard.ENTRIES["ldm-edm"].more_nfe, "fm": leaderboard.ENTRIES["fm"].more_nfe,
@@ -93,6 +94,11 @@ def order(baseline: str) -> list[Point]:
 
 
 def run_dir(work: Path, budget: int, point: Point, seed: int) -> Path:
+    """The point's run; the centre of a baseline with a ``centre_entry`` is that leaderboard entry's run (trained
+    once: its resolved config is the centre's, asserted in the tests)."""
+    entry = BASELINES[point.baseline].get("centre_entry")
+    if entry and dict(lr=point.lr, beta2=point.beta2, dropout=point.dropout) == centre(point.baseline):
+        return work / f"leaderboard-{budget}steps" / f"{entry}-seed{seed}"
     return work / f"sweep-{budget}steps" / f"{point.name}-seed{seed}"
 
 

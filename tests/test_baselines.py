@@ -219,6 +219,29 @@ def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
         assert timed.run(name, 0) == sweep.run_dir(tmp_path, 2000, point, 0)  # a baseline is the clock: its run
 
 
+def test_soflows_centre_is_the_leaderboards_soflow_run(tmp_path):
+    """The sweep's SoFlow centre is the leaderboard's `soflow` entry: the same folder and the same resolved config
+    (dropout None is the network's 0), so it is trained once; every other point has its own folder."""
+    import dataclasses
+
+    from slct.cli import build_parser
+    from slct.commands.train import resolve
+
+    sweep = _sweep()
+    board = sys.modules.get("slct_bench_leaderboard") or sweep.leaderboard
+    centre, *others = sweep.order("soflow")
+    plan = board.Plan(tmp_path, 2000, 1500, [1])
+    assert sweep.run_dir(tmp_path, 2000, centre, 1) == plan.run("soflow", 1)
+    assert all(sweep.run_dir(tmp_path, 2000, p, 1).parent.name == "sweep-2000steps" for p in others)
+    a = sweep.parser().parse_args(["--work", str(tmp_path), "--seed", "1", "--only", centre.name])
+    mine = resolve(build_parser().parse_args(sweep.tasks(a, tmp_path / "data", tmp_path / "ref.npz")[0].args))
+    theirs = resolve(build_parser().parse_args(board.train_command(plan, "soflow", 1, tmp_path / "data")))
+    theirs.network.dropout = theirs.network.dropout or 0.0
+    assert dataclasses.asdict(mine) == dataclasses.asdict(theirs)
+    # the baselines' centres keep their own sweep runs (their leaderboard entries are other runs)
+    assert sweep.run_dir(tmp_path, 2000, sweep.order("fm")[0], 0).parent.name == "sweep-2000steps"
+
+
 def test_sweep_only_trains_the_named_points_and_refuses_unknown_ones(tmp_path):
     sweep = _sweep()
     a = sweep.parser().parse_args(["--work", str(tmp_path), "--only", "fm-lr0.0005-b0.999-do0"])
