@@ -11,7 +11,8 @@ Baselines (``BASELINES``): ``ldm-edm`` (the EDM diffusion baseline with EDM's ow
 ramp-up, no weight decay; scored with its Heun sampler at 35 NFE) and ``fm`` (conditional flow matching, scored with
 Heun at 35 NFE as well); and ``soflow``, the few-step method closest to the bar, given the same tuning effort
 (scored with its flow map at 2 NFE and ranked there: the NFE its comparison with the bar is made at; its centre is
-its preset's point, lr 1e-3, beta2 0.99, dropout 0). Grid (``GRID``): lr {5e-4, 1e-3, 2e-3, 4e-3} x beta2
+its preset's point, lr 1e-3, beta2 0.99, dropout 0, whose run is the leaderboard's `soflow` run: one command).
+Grid (``GRID``): lr {5e-4, 1e-3, 2e-3, 4e-3} x beta2
 {0.99, 0.999} x dropout {0, 0.1}, 16 points a baseline (4e-3 added when 2e-3 won: the best lr must lie inside the
 grid), run in ``order()``: the
 preset's own point first, then its one-factor neighbours, then the rest, so a sweep stopped early has the most
