@@ -406,6 +406,7 @@ class PremiseFinding:
 PREMISE_FINDINGS: tuple[PremiseFinding, ...] = (
     PremiseFinding("1", 0.18, "slct", 29.84, 7.95),  # TAEF2 as it is: iLCT better than sLCT
     PremiseFinding("1", 0.18, "ladder-adaptive-c", 9.09, 3.90),  # ... and than sLCT without NsLN
+    PremiseFinding("1", 0.18, "ladder-ot", 10.08, 2.75),  # ... and than Cauchy + diffusion + OT
     PremiseFinding("1", 0.18, "ladder-diff", 2.01, 4.08),  # a tie
     PremiseFinding("1", 0.18, "ladder-cauchy", 2.34, 3.57),  # a tie
     PremiseFinding("spike:10", 141.97, "slct", 22.55, 57.57),  # a tie: sLCT's seeds spread 250-325
