@@ -335,6 +335,39 @@ def test_soflow_target_pass_runs_on_the_consistency_rows_only_and_changes_no_bit
     assert sizes == [16, 16] and torch.equal(again.total, terms.total)
 
 
+def test_soflow_target_pass_with_dropout_runs_over_every_row_so_masks_match():
+    """With dropout active a target pass over the consistency rows alone would draw other masks than the online
+    pass (another batch shape), and q divides their difference by t - l: so it then runs over every row under the
+    online pass's seed - bitwise the "all" setting - and back on the rows alone in eval mode or without dropout."""
+    from slct.model import build_model
+    from slct.objectives.base import active_dropout
+    from slct.objectives.soflow import soflow_draws
+
+    cfg = load_config("soflow", "digits", sets=["network.name=unet-tiny", "network.dropout=0.3"])
+    torch.manual_seed(0)
+    net = build_model(cfg, (1, 8, 8)).train()
+    assert active_dropout(net) and not active_dropout(net.eval()) and not active_dropout(lambda x: x)
+    net.train()
+    sizes = []
+    net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    x0, e = torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)
+    rows = soflow_draws(16, cfg.objective, 5, 100, torch.Generator().manual_seed(3))
+    terms = build_objective(cfg.objective, 100)(net, x0, 5, noise=e, indices=rows, dropout_seed=0)
+    assert sizes == [16, 16]
+    every = dataclasses.replace(cfg.objective, soflow_target_rows="all")
+    assert torch.equal(build_objective(every, 100)(net, x0, 5, noise=e, indices=rows, dropout_seed=0).total,
+                       terms.total)
+    # the masks match: each dropout layer zeroes the same elements in the target pass as in the online pass
+    masks = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda module, args, out: masks.append(out == 0))
+    build_objective(cfg.objective, 100)(net, x0, 5, noise=e, indices=rows, dropout_seed=0)
+    half = len(masks) // 2
+    assert half and all(torch.equal(a, b) for a, b in zip(masks[:half], masks[half:]))
+    assert 0.2 < float(torch.cat([m.flatten() for m in masks]).float().mean()) < 0.4  # p = 0.3: masks drawn
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # distillation with the measured c
 

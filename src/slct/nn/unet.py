@@ -42,7 +42,7 @@ class UNetBlock(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.resample = RESAMPLE[resample]
-        self.dropout = dropout
+        self.dropout = nn.Dropout(dropout)  # a module, so `active_dropout` sees it
         # resolution: the input's H = W (needed by the per-element norms only); resampling changes it
         out_res = None if resolution is None else {"down": resolution // 2, "up": resolution * 2}.get(resample, resolution)
         self.norm0 = norm_layer(norm, in_channels, resolution=resolution)
@@ -59,7 +59,7 @@ class UNetBlock(nn.Module):
         x = self.conv0(self.resample(F.silu(self.norm0(x))))
         scale, shift = self.affine(emb)[:, :, None, None].to(x.dtype).chunk(2, dim=1)
         x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))  # adaptive scale-shift (ADM)
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = self.conv1(self.dropout(x))
         x = x + (self.skip(orig) if self.skip is not None else orig)
         return self.attn(x) if self.attn is not None else x
 

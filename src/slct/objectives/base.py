@@ -200,6 +200,16 @@ def seeded_rng(seed: int, device: torch.device):
         yield
 
 
+def active_dropout(model) -> bool:
+    """Whether a forward pass of ``model`` draws dropout masks: a dropout module with p > 0 in training mode.
+
+    Two passes under one seed (``seeded_rng``) share their masks only if they see the same batch shape, so an
+    objective that runs its target pass on some rows must run it on all of them when this is true.
+    """
+    return isinstance(model, torch.nn.Module) and any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 and m.training for m in model.modules())
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"dropout_seed must be a non-negative integer, got {seed!r}")

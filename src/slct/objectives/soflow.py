@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from slct.objectives.base import (LossTerms, Objective, check_adaptive_weight, check_choice, check_draws,
-                                  check_finite, check_fraction, check_positive, check_seed, draw_seed,
+from slct.objectives.base import (LossTerms, Objective, active_dropout, check_adaptive_weight, check_choice,
+                                  check_draws, check_finite, check_fraction, check_positive, check_seed, draw_seed,
                                   flow_equivalent_sigma, per_sample, randn, register_objective, seeded_rng)
 
 MIN_GAP = 1e-4  # the smallest t - s and t - l: the difference quotient needs a gap
@@ -45,7 +45,8 @@ class SoFlowFields:
     soflow_p: float = 1.0  # adaptive weight 1 / (mse + eps)^p (their ImageNet: 1.0)
     soflow_eps: float = 0.01  # ... and its eps (0.01)
     # the no-grad target pass f(x_l, l, s): on the consistency rows only (the authors'; the same loss, bitwise, for
-    # a network without dropout) or on "all" rows (slct before; kept to measure what it cost: benchmarks/training.py)
+    # a network without dropout; with dropout active the pass runs on all rows, so each row's target sees its online
+    # pass's dropout mask, as iCT's do) or on "all" rows (kept to measure what the rows save: benchmarks/training.py)
     soflow_target_rows: str = "consistency"
 
 
@@ -117,11 +118,12 @@ class SoFlowObjective(Objective):
         # flow matching: u(x_t, t, 0) -> v
         err_fm = (u_t - v).pow(2).flatten(1).mean(1)
         # solution consistency: f(x_t, t, s) vs sg f(x_l, l, s), the target pass on the consistency rows only (as
-        # the authors run it; a network without dropout gives those rows bitwise the full-batch pass's values; with
-        # dropout the target rows draw their own mask)
+        # the authors run it; a network without dropout gives those rows bitwise the full-batch pass's values). With
+        # dropout a pass over fewer rows would draw other masks than the online pass, and q divides their
+        # difference by t - l (small): so then the pass runs over every row, under the online pass's seed
         xl = x0 + per_sample(l, x0) * v
         u_l = torch.zeros_like(x0)
-        every = cfg.soflow_target_rows == "all"
+        every = cfg.soflow_target_rows == "all" or active_dropout(model)
         rows = (torch.ones_like(fm_cpu) if every else ~fm_cpu).nonzero().squeeze(1).to(device)
         if len(rows):
             lab = labels[rows.to(labels.device)] if labels is not None else None
