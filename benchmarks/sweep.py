@@ -188,8 +188,11 @@ def report(a, results: Path) -> Path:
             continue
         curve, nfe = CURVE[baseline], BASELINES[baseline]["nfe"]
         point = ", ".join(f"{k} {v:g}" for k, v in centre(baseline).items())
-        lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`: {point})", "",
-                  f"| lr | beta2 | dropout | FD at {nfe} NFE | " + " | ".join(f"FD at {k}" for k in curve)
+        entry = BASELINES[baseline].get("centre_entry")
+        shared = f" The centre's run is the leaderboard's `{entry}` seed {a.seed} (the same command)." if entry else ""
+        lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`: {point})", ""]
+        lines += [shared.strip(), ""] if shared else []
+        lines += [f"| lr | beta2 | dropout | FD at {nfe} NFE | " + " | ".join(f"FD at {k}" for k in curve)
                   + " | best FD (NFE) | precision | recall | s/step |", "|---:" * (8 + len(curve)) + "|"]
         for r in mine:
             sps = f"{r['sec_per_step']:.2f}" if r["sec_per_step"] else "-"
