@@ -410,6 +410,7 @@ PREMISE_FINDINGS: tuple[PremiseFinding, ...] = (
     PremiseFinding("1", 0.18, "ladder-diff", 2.01, 4.08),  # a tie
     PremiseFinding("1", 0.18, "ladder-cauchy", 2.34, 3.57),  # a tie
     PremiseFinding("spike:10", 141.97, "slct", 22.55, 57.57),  # a tie: sLCT's seeds spread 250-325
+    PremiseFinding("spike:10", 141.97, "ladder-diff", 18.19, 55.72),  # a tie: seeds 277, 235, 312
     PremiseFinding("spike:10", 141.97, "ladder-cauchy", -8.92, 26.74),  # a tie
     PremiseFinding("spike:30", 321.67, "slct", -28.39, 145.62),  # a tie: sLCT's seeds spread 391-583
     PremiseFinding("spike:30", 321.67, "ladder-adaptive-c", 43.08, 128.18),  # a tie: seeds 584, 434, 595
