@@ -188,10 +188,9 @@ def report(a, results: Path) -> Path:
             continue
         curve, nfe = CURVE[baseline], BASELINES[baseline]["nfe"]
         point = ", ".join(f"{k} {v:g}" for k, v in centre(baseline).items())
-        entry = BASELINES[baseline].get("centre_entry")
-        shared = f" The centre's run is the leaderboard's `{entry}` seed {a.seed} (the same command)." if entry else ""
         lines += [f"## `{baseline}` (`--preset {BASELINES[baseline]['preset']}`: {point})", ""]
-        lines += [shared.strip(), ""] if shared else []
+        if entry := BASELINES[baseline].get("centre_entry"):
+            lines += [f"The centre's run is the leaderboard's `{entry}` seed {a.seed} (the same command).", ""]
         lines += [f"| lr | beta2 | dropout | FD at {nfe} NFE | " + " | ".join(f"FD at {k}" for k in curve)
                   + " | best FD (NFE) | precision | recall | s/step |", "|---:" * (8 + len(curve)) + "|"]
         for r in mine:
