@@ -15,6 +15,10 @@ NFE against the held-out faces (the images are decoded through the codec's inver
 the same reference; MobileNetV2 FD, ramp-up EMA). Runs go seed by seed, iLCT and sLCT at every strength first, so a
 board stopped early answers the main question first.
 
+A new machine has no run folders: the seeds the committed report scored are neither retrained nor dropped, their
+rows come from it (per seed where it lists ``values``; older rows, kept as mean +- sd, are pooled exactly with the
+seeds scored here), and its sample strip stays, with the runs here that it lacks added beside it.
+
 Report (results/premise-utkface64-STEPSsteps.{md,json,png}): FD mean +- sd per method and strength, at each
 strength whether sLCT beats iLCT by more than 2 pooled sd (and the reverse), each rung against the one before, and
 FD against strength, one line per method.
@@ -64,6 +68,51 @@ def archived(a, method: str, seed: int) -> list[dict]:
     return [r for r in rows if r["entry"] == method and r["seed"] == seed and r["final"]]
 
 
+def committed(a) -> dict:
+    """The committed report of this budget (results/premise-utkface64-STEPSsteps.json), {} when there is none: a
+    run whose folder is gone (a new machine) is reported from there, not retrained and not dropped."""
+    path = ablation.RESULTS / f"premise-utkface64-{a.steps}steps.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def archived_groups(row: dict, scored: set) -> list[tuple[list[int], list[float]]]:
+    """An archived summary row as (seeds, values) groups without the seeds in ``scored`` (scored here again): each
+    seed whose value the row lists on its own, then the rest pooled as the exact (n, sum, sum of squares) its mean
+    and sd imply (reports before per-seed values kept only those), dropped when one of them is scored again."""
+    values = {int(seed): fd for seed, fd in row.get("values", [])}
+    groups = [([seed], [fd]) for seed, fd in values.items() if seed not in scored]
+    rest = [seed for seed in row["seeds"] if seed not in values]
+    if rest and not scored & set(rest):
+        n = len(row["seeds"])
+        total = n * row["fd"] - sum(values.values())
+        squares = (n - 1) * row["fd_sd"] ** 2 + n * row["fd"] ** 2 - sum(v * v for v in values.values())
+        # one seed: its value; more: pooled as [sum, sum of squares] (see pooled_mean_sd)
+        groups.append((rest, [total] if len(rest) == 1 else [total, squares]))
+    return groups
+
+
+def pooled_mean_sd(groups: list[tuple[list[int], list[float]]]) -> tuple[float, float, list[int]]:
+    """Mean and sample sd (ddof 1) of single values and pooled groups together: exact, from counts and sums."""
+    n = total = squares = 0.0
+    seeds = []
+    for group_seeds, group in groups:
+        if len(group_seeds) == 1 and len(group) == 1:
+            n, total, squares = n + 1, total + group[0], squares + group[0] ** 2
+        else:
+            n, total, squares = n + len(group_seeds), total + group[0], squares + group[1]
+        seeds += group_seeds
+    mean = total / n
+    sd = max(squares - n * mean ** 2, 0.0) ** 0.5 / (n - 1) ** 0.5 if n > 1 else 0.0
+    return mean, sd, sorted(seeds)
+
+
+def archived_seeds(a, strength: str, method: str) -> set:
+    """Seeds of (strength, method) the committed report scored at 1 NFE."""
+    rows = committed(a).get("summary", [])
+    return {seed for r in rows if (r["strength"], r["method"], r["nfe"]) == (strength, method, 1)
+            for seed in r["seeds"]}
+
+
 def encode_args(a, strength: str) -> list[str]:
     out = ["encode", a.zip, "--out", str(data_dir(a, strength)), "--codec", "taef2", "--resolution",
            str(a.resolution), "--holdout", str(a.holdout), "--split", "train", "--no-progress"]
@@ -80,6 +129,8 @@ def tasks(a, ref: Path) -> list:
                 run = run_dir(a, strength, method, seed)
                 if tag(strength) == "plain" and not run.exists() and archived(a, method, seed):
                     continue  # scored on the leaderboard already
+                if not run.exists() and seed in archived_seeds(a, strength, method):
+                    continue  # scored in the committed report, on an earlier machine
                 final = run / f"snapshot-{a.steps:08d}.pt"
                 cmd = ["train", "--preset", method, "--data-preset", "utkface64", "--data",
                        str(data_dir(a, strength)), "--out", str(run), "--steps", str(a.steps), "--seed", str(seed),
@@ -105,10 +156,13 @@ def kurtosis(a, strength: str) -> float | None:
 
 
 def summarize(a) -> list[dict]:
+    """FD mean +- sd per (strength, method, NFE) over the seeds scored here, with the committed report's rows for
+    seeds whose run folders are gone; ``values`` lists each seed's FD where it is known on its own."""
+    old = {(r["strength"], r["method"], r["nfe"]): r for r in committed(a).get("summary", [])}
     out = []
     for strength in a.strengths:
         for method in a.methods:
-            per_nfe: dict[int, list] = {}
+            per_nfe: dict[int, dict] = {}
             for seed in a.seeds:
                 run = run_dir(a, strength, method, seed)
                 path = leaderboard.eval_file(run, a.steps, a.n_eval, True)
@@ -119,11 +173,22 @@ def summarize(a) -> list[dict]:
                 else:
                     continue
                 for r in results:
-                    per_nfe.setdefault(r["nfe"], []).append((seed, r["fd"]))
-            for nfe, values in sorted(per_nfe.items()):
-                fd, sd = ablation.mean_sd([v for _, v in values])
-                out.append(dict(strength=strength, method=method, nfe=nfe, fd=fd, fd_sd=sd,
-                                seeds=[s for s, _ in values]))
+                    per_nfe.setdefault(r["nfe"], {})[seed] = r["fd"]
+            nfes = set(per_nfe) | {k[2] for k in old if k[:2] == (strength, method)}
+            for nfe in sorted(nfes):
+                values = per_nfe.get(nfe, {})
+                groups = [([seed], [fd]) for seed, fd in values.items()]
+                row = old.get((strength, method, nfe))
+                if row and tag(strength) != "plain":  # plain runs are archived per seed (the leaderboard's)
+                    groups += [(s, g) for s, g in archived_groups(row, set(values))
+                               if set(s) <= set(a.seeds) and not any((run_dir(a, strength, method, x)).exists()
+                                                                     for x in s)]
+                if not groups:
+                    continue
+                fd, sd, seeds = pooled_mean_sd(groups)
+                known = sorted((s[0], g[0]) for s, g in groups if len(s) == 1 and len(g) == 1)
+                out.append(dict(strength=strength, method=method, nfe=nfe, fd=fd, fd_sd=sd, seeds=seeds,
+                                values=[list(v) for v in known]))
     return out
 
 
@@ -180,42 +245,62 @@ def figure(summary: list[dict], a, path: Path, kurt: dict) -> None:
     plt.close(fig)
 
 
-def sample_strip(a, path: Path) -> bool:
+def sample_strip(a, path: Path, skip: tuple = ()) -> list[str]:
     """The first row of each seed-0 run's final 1-step sample grid (the run's own `samples/`), one row per
-    (strength, method) whose run folder is here, labelled; False when there is none."""
+    (strength, method) whose run folder is here and whose label is not in ``skip``, labelled; the labels written
+    ([] : no file written)."""
     from PIL import Image, ImageDraw
 
     rows = []
     for strength in a.strengths:
         for method in a.methods:
             grid = run_dir(a, strength, method, 0) / "samples" / f"step-{a.steps:08d}-nfe1.png"
-            if grid.exists():
+            if grid.exists() and f"{tag(strength)} {method}" not in skip:
                 image = Image.open(grid).convert("RGB")
-                rows.append((f"{tag(strength)}\n{method}", image.crop((0, 0, image.width, image.height // 8))))
+                rows.append((f"{tag(strength)} {method}", image.crop((0, 0, image.width, image.height // 8))))
     if not rows:
-        return False
+        return []
     label = 110
     out = Image.new("RGB", (label + max(r.width for _, r in rows), sum(r.height for _, r in rows)), "white")
     y = 0
     for text, row in rows:
         out.paste(row, (label, y))
-        ImageDraw.Draw(out).multiline_text((4, y + 4), text, fill="black")
+        ImageDraw.Draw(out).multiline_text((4, y + 4), text.replace(" ", "\n"), fill="black")
         y += row.height
     out.save(path)
-    return True
+    return [text for text, _ in rows]
+
+
+def strips(a, summary: list[dict], results: Path, stem: str, before: dict) -> dict:
+    """The sample strip of every seed-0 run here; where some scored seed-0 runs are not here (their folders were on
+    an earlier machine) the committed strip stays and the runs here that it lacks go to STEM-samples-added.png."""
+    strip, added = results / f"{stem}-samples.png", results / f"{stem}-samples-added.png"
+    scored = {f"{tag(r['strength'])} {r['method']}" for r in summary if r["nfe"] == 1 and 0 in r["seeds"]}
+    here = {f"{tag(s)} {m}" for s in a.strengths for m in a.methods
+            if (run_dir(a, s, m, 0) / "samples" / f"step-{a.steps:08d}-nfe1.png").exists()}
+    if scored <= here or not strip.exists():
+        return dict(strip=sample_strip(a, strip), added=[])
+    # the kept strip's rows; None: unknown (a report from before they were recorded, or one that wrote no strip and
+    # so not this file): every run here is added
+    old = before.get("meta", {}).get("samples", {}).get("strip") or None
+    return dict(strip=old, added=sample_strip(a, added, skip=tuple(old or ())))
 
 
 def report(a) -> Path:
     summary = summarize(a)
     pairs = comparisons(summary, a)
+    before = committed(a)  # read before this report overwrites it
     kurt = {s: kurtosis(a, s) for s in a.strengths}
+    kurt = {s: before.get("kurtosis", {}).get(s) if k is None else k for s, k in kurt.items()}
     stem = f"premise-utkface64-{a.steps}steps"
     results = ablation.RESULTS
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = machine()
+    samples = strips(a, summary, results, stem, before)
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command="python benchmarks/premise.py", date=date, machine=info, steps=a.steps, n_eval=a.n_eval,
-                  strengths=a.strengths, methods=a.methods, seeds=a.seeds), kurtosis=kurt, summary=summary,
+                  strengths=a.strengths, methods=a.methods, seeds=a.seeds, samples=samples), kurtosis=kurt,
+        summary=summary,
         comparisons=pairs, findings=findings(pairs, kurt)),
         indent=1) + "\n")
     lines = [f"# The paper's premise: iLCT and sLCT on latents with impulsive outliers ({a.steps} steps)", "",
@@ -246,9 +331,12 @@ def report(a) -> Path:
                          f"{verdict}{flip}")
     figure(summary, a, results / f"{stem}.png", kurt)
     lines += ["", f"![FD against strength]({stem}.png)"]
-    if sample_strip(a, results / f"{stem}-samples.png"):
+    if (results / f"{stem}-samples.png").exists() and samples["strip"] != []:
         lines += ["", "1-step samples, seed 0, final step (the first row of each run's grid; decoded through the "
                   "inverse):", "", f"![samples]({stem}-samples.png)"]
+    if samples["added"]:
+        lines += ["", f"Runs scored since that strip (trained on another machine): {', '.join(samples['added'])}:",
+                  "", f"![samples, added]({stem}-samples-added.png)"]
     out = results / f"{stem}.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -579,3 +579,47 @@ def test_premise_plans_every_strength_and_judges_slct_against_ilct_per_strength(
     Image.new("RGB", (80, 80), "red").save(grid)
     assert "![samples](premise-utkface64-100steps-samples.png)" in premise.report(a).read_text()
     assert Image.open(tmp_path / "premise-utkface64-100steps-samples.png").size == (110 + 80, 10)
+
+
+def test_premise_reports_runs_of_an_earlier_machine_from_the_committed_report_exactly(tmp_path, monkeypatch):
+    """A new machine has none of the run folders: benchmarks/premise.py neither retrains the seeds the committed
+    report scored nor drops them. A row kept only as mean +- sd (reports before per-seed values) is pooled exactly
+    with a seed scored here; a row with per-seed values gives them back seed by seed."""
+    premise = _module("premise")
+    monkeypatch.setattr(premise.ablation, "RESULTS", tmp_path)
+    a = premise.parser().parse_args(["--work", str(tmp_path), "--steps", "100", "--strengths", "spike:10",
+                                     "--methods", "ilct", "slct"])
+    old = [dict(strength="spike:10", method="ilct", nfe=1, fd=201.0, fd_sd=2 ** 0.5, seeds=[0, 1]),  # 200, 202
+           dict(strength="spike:10", method="slct", nfe=1, fd=101.0, fd_sd=1.0, seeds=[0, 1, 2],
+                values=[[0, 100.0], [1, 101.0], [2, 102.0]])]
+    (tmp_path / "premise-utkface64-100steps.json").write_text(json.dumps(dict(summary=old, kurtosis={"spike:10": 9.5})))
+    todo = premise.tasks(a, tmp_path / "ref.npz")
+    assert [t.what for t in todo if t.args[0] == "train"] == ["ilct at spike:10 seed 2"]
+    run = premise.run_dir(a, "spike:10", "ilct", 2)
+    run.mkdir(parents=True)
+    (run / "eval-final-n1000.json").write_text(json.dumps({"results": [dict(nfe=1, fd=210.0)]}))
+    rows = {r["method"]: r for r in premise.summarize(a)}
+    mean, sd = premise.ablation.mean_sd([200.0, 202.0, 210.0])
+    assert rows["ilct"]["seeds"] == [0, 1, 2] and rows["ilct"]["values"] == [[2, 210.0]]
+    assert abs(rows["ilct"]["fd"] - mean) < 1e-9 and abs(rows["ilct"]["fd_sd"] - sd) < 1e-9
+    assert rows["slct"]["values"] == [[0, 100.0], [1, 101.0], [2, 102.0]] and rows["slct"]["fd_sd"] == 1.0
+    # a pooled seed scored here again: the pool cannot be split, so the runs here win
+    again = premise.run_dir(a, "spike:10", "ilct", 0)
+    again.mkdir(parents=True)
+    (again / "eval-final-n1000.json").write_text(json.dumps({"results": [dict(nfe=1, fd=199.0)]}))
+    assert [r["seeds"] for r in premise.summarize(a) if r["method"] == "ilct"] == [[0, 2]]
+    text = premise.report(a).read_text()
+    assert "| (latents' excess kurtosis) | | 9.50 |" in text  # the committed report's: the latents are not here
+    # the committed strip shows runs that are not here: it stays, and the seed-0 runs here are added beside it
+    from PIL import Image
+
+    Image.new("RGB", (190, 10), "blue").save(tmp_path / "premise-utkface64-100steps-samples.png")
+    grid = again / "samples" / "step-00000100-nfe1.png"
+    grid.parent.mkdir()
+    Image.new("RGB", (80, 80), "red").save(grid)
+    text = premise.report(a).read_text()
+    assert "Runs scored since that strip (trained on another machine): spike10 ilct:" in text
+    assert Image.open(tmp_path / "premise-utkface64-100steps-samples.png").getpixel((0, 0)) == (0, 0, 255)
+    assert Image.open(tmp_path / "premise-utkface64-100steps-samples-added.png").size == (110 + 80, 10)
+    saved = json.loads((tmp_path / "premise-utkface64-100steps.json").read_text())
+    assert saved["meta"]["samples"] == {"strip": None, "added": ["spike10 ilct"]}
