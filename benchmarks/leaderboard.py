@@ -241,10 +241,19 @@ def tasks(plan: Plan, a, data: Path, ref: Path) -> list[Task]:
     names = list(a.entries)
     if any(ENTRIES[n].source for n in names) and "ldm" not in names:
         names.insert(0, "ldm")
+    # runs trained on a machine that is gone and reported from the archive (collect): neither retrained nor rescored,
+    # except a teacher that a run still to train needs
+    archived = {(r["entry"].split("@")[0], r["seed"], r.get("own_steps")) for r in archived_rows(a)}
+    gone = {(name, seed) for name in names for seed in plan.seeds if not plan.run(name, seed).exists()
+            and {(name, seed, plan.own_steps(name)), (name, seed, None)} & archived}
+    gone -= {("ldm", seed) for seed in plan.seeds
+             if any(ENTRIES[n].source and (n, seed) not in gone for n in names)}
     groups = []  # (seed, the run's tasks)
     for name in names:
         steps = plan.own_steps(name)
         for seed in plan.seeds:
+            if (name, seed) in gone:
+                continue
             run = plan.run(name, seed)
             final = run / f"snapshot-{steps:08d}.pt"
             needs = (plan.teacher(seed),) if ENTRIES[name].source else ()
@@ -681,8 +690,9 @@ def parser() -> argparse.ArgumentParser:
                    "trains for the seconds ldm's budget took, from the step times of benchmarks/compute.py --time "
                    "(else the image-matched report's s/step), in its own folder and report (-seconds)")
     p.add_argument("--archive", nargs="*", default=None,
-                   help="committed reports whose runs' folders are gone: their rows are reported from there "
-                   "(default: results/leaderboard-utkface64-BUDGETsteps.json; give none for only the runs here)")
+                   help="committed reports whose runs' folders are gone: their rows are reported from there and "
+                   "those runs are not trained again (default: results/leaderboard-utkface64-BUDGETsteps.json; give "
+                   "none for only the runs here)")
     p.add_argument("--seed-first", action="store_true",
                    help="run every entry's first seed before any second seed (a partial board covers every entry)")
     p.add_argument("--n-eval", type=int, default=1000)

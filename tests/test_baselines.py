@@ -199,10 +199,11 @@ def test_sweep_plan_centre_first_and_every_command_parses(tmp_path):
     assert (soflow[0].lr, soflow[0].beta2, soflow[0].dropout) == (1e-3, 0.99, 0.0) and len(set(soflow)) == 16
 
 
-def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path):
+def test_tuned_entries_are_the_sweeps_points_and_share_its_runs(tmp_path, monkeypatch):
     """leaderboard's ``*-tuned`` entries: the command of seed k is the sweep's command of its point at seed k (the
     same folder, so the sweep's seed 0 is the entry's), on the wall-clock board too (a baseline keeps its budget)."""
     sweep = _sweep()
+    monkeypatch.setattr(sweep.ablation, "RESULTS", tmp_path)  # no committed sweep: every point is planned
     board = sys.modules.get("slct_bench_leaderboard") or sweep.leaderboard
     tuned = {n: e for n, e in board.ENTRIES.items() if e.sweep}
     assert set(tuned) == {"ldm-edm-tuned", "fm-tuned"} and set(tuned) <= set(board.BASELINES)
@@ -436,3 +437,26 @@ def test_compute_counts_the_passes_of_a_training_step():
     assert passes == {"ldm": (1, 0), "fm": (1, 0), "ilct": (1, 1), "soflow": (1, 0.25), "ilcd-published": (1, 3)}
     assert rows["fm"]["gflop_per_image"] == pytest.approx(rows["ldm"]["gflop_per_image"], rel=1e-3)
     assert rows["ldm"]["gflop_per_image"] < rows["soflow"]["gflop_per_image"] < rows["ilct"]["gflop_per_image"]
+
+
+def test_sweep_reports_points_of_an_earlier_machine_from_the_committed_report(tmp_path, monkeypatch):
+    """A new machine has no run folders: the points the committed report scored (this budget and seed) are neither
+    retrained nor dropped from the table; a report of another seed is not read."""
+    sweep = _sweep()
+    monkeypatch.setattr(sweep.ablation, "RESULTS", tmp_path)
+    a = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--baselines", "fm"])
+    centre, other = sweep.order("fm")[:2]
+    row = dict(baseline="fm", lr=centre.lr, beta2=centre.beta2, dropout=centre.dropout, nfe=35, seed=0, fd=50.0,
+               precision=0.5, recall=0.2, sec_per_step=0.4, curve={"35": 50.0, "5": 45.0}, best_fd=45.0, best_nfe=5)
+    (tmp_path / "sweep-utkface64-100steps.json").write_text(json.dumps(dict(seed=0, rows=[row])))
+    whats = [t.what for t in sweep.tasks(a, tmp_path, tmp_path) if ":" not in t.what]
+    assert centre.name + " seed 0" not in whats and whats[0] == other.name + " seed 0"
+    run = sweep.run_dir(tmp_path, 100, other, 0)
+    run.mkdir(parents=True)
+    (run / "eval-final-n1000-nfe35.json").write_text(json.dumps(
+        {"results": [{"nfe": 35, "fd": 48.0, "precision": 0.5, "recall": 0.1}]}))
+    text = sweep.report(a, tmp_path).read_text()
+    assert "| 0.001 | 0.999 | 0.1 | 50.0 | - | 45.0 | - | - | 45.0 (5) |" in text  # archived, ranked first
+    assert "Best: lr 0.001, beta2 0.999, dropout 0.1 (FD 45.0 at 5 NFE; the next point 3.0 higher" in text
+    b = sweep.parser().parse_args(["--work", str(tmp_path), "--budget", "100", "--baselines", "fm", "--seed", "1"])
+    assert sweep.archived(b) == {}

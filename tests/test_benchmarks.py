@@ -375,12 +375,20 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert "slct seed 0: eval at step 50" in whats and not any(w.startswith("ilcd seed 0: eval at") for w in whats)
     assert "ldm seed 0: eval at step 60" in whats  # the teacher itself
     # a teacher-only ldm run when ldm itself is not on the board: trained, never scored
-    a2 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilcd", "--seeds", "0"])
+    a2 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilcd", "--seeds", "0", "--archive"])
     assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0]), a2, tmp_path, tmp_path)] == [
         "ldm seed 0", "ilcd seed 0", "ilcd seed 0: eval"]  # (a teacher run not on the board is not scored)
+    old = tmp_path / "teacher.json"  # an archived teacher is still trained when a student to train needs it
+    old.write_text(json.dumps({"runs": [dict(entry="ldm", seed=0, nfe=35, step=2000, final=True, fd=1.0,
+                                             own_steps=2000)]}))
+    a2.archive, a2.entries = [str(old)], ["ldm", "ilcd"]
+    assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0]), a2, tmp_path, tmp_path)][:2] == [
+        "ldm seed 0", "ldm seed 0: eval"]
+    a2.entries = ["ldm"]  # ... and not when no student needs it
+    assert board.tasks(board.Plan(tmp_path, 2000, 1500, [0]), a2, tmp_path, tmp_path) == []
     # --seed-first: every entry's seed 0 (with its evaluations) before any seed 1; the teacher still first
     a3 = board.parser().parse_args(["--work", str(tmp_path), "--entries", "ilct", "ilcd", "--seeds", "0", "1",
-                                    "--seed-first"])
+                                    "--seed-first", "--archive"])
     assert [t.what for t in board.tasks(board.Plan(tmp_path, 2000, 1500, [0, 1]), a3, tmp_path, tmp_path)
             if ":" not in t.what] == ["ldm seed 0", "ilct seed 0", "ilcd seed 0", "ldm seed 1", "ilct seed 1",
                                       "ilcd seed 1"]
@@ -417,6 +425,8 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
                                    "stages": []}))
     a.archive = [str(archive)]
     a.entries = ["ldm", "ilct-tuned", "slct", "ilct", "soflow", "shortcut"]
+    whats = [t.what for t in board.tasks(plan, a, tmp_path, tmp_path)]  # archived: not trained again
+    assert "slct seed 0" in whats and not any(w.startswith("shortcut") for w in whats)
     md = board.report(plan, a, tmp_path / "results").read_text()
     assert "| shortcut | 1 | 131.0 +- 1.0 |" in md
     assert "| ilct-tuned | 1 | 80.0 +- 1.0 |" in md and "| 40 + 60 | 6,400 |" in md
