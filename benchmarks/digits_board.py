@@ -108,6 +108,10 @@ def report(a) -> Path:
     summary = summarize(a)
     bar, judged = verdicts(summary)
     stem = f"digits-board-{a.steps}steps"
+    committed = ablation.RESULTS / f"{stem}.json"
+    if not summary and committed.exists():  # a new machine (no run folders): never replace a report by an empty one
+        sys.exit(f"no run of {a.steps} steps is scored under {a.work}: {committed} is kept; "
+                 "`python benchmarks/digits_board.py` trains and scores them (minutes on a CPU)")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info = machine()
     (ablation.RESULTS / f"{stem}.json").write_text(json.dumps(dict(

@@ -536,6 +536,11 @@ def test_digits_board_trains_scores_and_judges_against_the_best_baseline(tmp_pat
     assert rows == {("fm", k) for k in (2, 5, 9, 17, 35)} | {("soflow", k) for k in (1, 2, 4)}
     assert data["bar"]["entry"] == "fm" and all(v["beats"] is None for v in data["verdicts"])
     assert "not decided (fewer than 3 seeds a side)" in (tmp_path / "digits-board-3steps.md").read_text()
+    # a new machine, no run folders: the committed report is kept, not replaced by an empty one
+    before = (tmp_path / "digits-board-3steps.json").read_text()
+    with pytest.raises(SystemExit, match="is kept"):
+        board.main(["--work", str(tmp_path / "elsewhere"), "--steps", "3", "--stage", "report"])
+    assert (tmp_path / "digits-board-3steps.json").read_text() == before
 
 
 def test_premise_plans_every_strength_and_judges_slct_against_ilct_per_strength(tmp_path, monkeypatch):
