@@ -75,35 +75,27 @@ def committed(a) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def archived_groups(row: dict, scored: set) -> list[tuple[list[int], list[float]]]:
-    """An archived summary row as (seeds, values) groups without the seeds in ``scored`` (scored here again): each
-    seed whose value the row lists on its own, then the rest pooled as the exact (n, sum, sum of squares) its mean
-    and sd imply (reports before per-seed values kept only those), dropped when one of them is scored again."""
+def archived_groups(row: dict, scored: set) -> list[tuple[list[int], float, float]]:
+    """An archived summary row as (seeds, sum, sum of squares) groups without the seeds in ``scored`` (scored here
+    again): each seed whose value the row lists on its own, then the rest pooled as the exact sums its mean and sd
+    imply (reports before per-seed values kept only those), dropped when one of them is scored again."""
     values = {int(seed): fd for seed, fd in row.get("values", [])}
-    groups = [([seed], [fd]) for seed, fd in values.items() if seed not in scored]
+    groups = [([seed], fd, fd * fd) for seed, fd in values.items() if seed not in scored]
     rest = [seed for seed in row["seeds"] if seed not in values]
     if rest and not scored & set(rest):
         n = len(row["seeds"])
-        total = n * row["fd"] - sum(values.values())
-        squares = (n - 1) * row["fd_sd"] ** 2 + n * row["fd"] ** 2 - sum(v * v for v in values.values())
-        # one seed: its value; more: pooled as [sum, sum of squares] (see pooled_mean_sd)
-        groups.append((rest, [total] if len(rest) == 1 else [total, squares]))
+        groups.append((rest, n * row["fd"] - sum(values.values()),
+                       (n - 1) * row["fd_sd"] ** 2 + n * row["fd"] ** 2 - sum(v * v for v in values.values())))
     return groups
 
 
-def pooled_mean_sd(groups: list[tuple[list[int], list[float]]]) -> tuple[float, float, list[int]]:
-    """Mean and sample sd (ddof 1) of single values and pooled groups together: exact, from counts and sums."""
-    n = total = squares = 0.0
-    seeds = []
-    for group_seeds, group in groups:
-        if len(group_seeds) == 1 and len(group) == 1:
-            n, total, squares = n + 1, total + group[0], squares + group[0] ** 2
-        else:
-            n, total, squares = n + len(group_seeds), total + group[0], squares + group[1]
-        seeds += group_seeds
-    mean = total / n
-    sd = max(squares - n * mean ** 2, 0.0) ** 0.5 / (n - 1) ** 0.5 if n > 1 else 0.0
-    return mean, sd, sorted(seeds)
+def pooled_mean_sd(groups: list[tuple[list[int], float, float]]) -> tuple[float, float, list[int]]:
+    """Mean and sample sd (ddof 1) of (seeds, sum, sum of squares) groups together: exact, from counts and sums."""
+    n = sum(len(seeds) for seeds, _, _ in groups)
+    mean = sum(total for _, total, _ in groups) / n
+    squares = sum(q for _, _, q in groups)
+    sd = (max(squares - n * mean ** 2, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return mean, sd, sorted(seed for seeds, _, _ in groups for seed in seeds)
 
 
 def archived_seeds(a, strength: str, method: str) -> set:
@@ -177,16 +169,15 @@ def summarize(a) -> list[dict]:
             nfes = set(per_nfe) | {k[2] for k in old if k[:2] == (strength, method)}
             for nfe in sorted(nfes):
                 values = per_nfe.get(nfe, {})
-                groups = [([seed], [fd]) for seed, fd in values.items()]
+                groups = [([seed], fd, fd * fd) for seed, fd in values.items()]
                 row = old.get((strength, method, nfe))
                 if row and tag(strength) != "plain":  # plain runs are archived per seed (the leaderboard's)
-                    groups += [(s, g) for s, g in archived_groups(row, set(values))
-                               if set(s) <= set(a.seeds) and not any((run_dir(a, strength, method, x)).exists()
-                                                                     for x in s)]
+                    groups += [g for g in archived_groups(row, set(values)) if set(g[0]) <= set(a.seeds)
+                               and not any(run_dir(a, strength, method, seed).exists() for seed in g[0])]
                 if not groups:
                     continue
                 fd, sd, seeds = pooled_mean_sd(groups)
-                known = sorted((s[0], g[0]) for s, g in groups if len(s) == 1 and len(g) == 1)
+                known = sorted((one[0], total) for one, total, _ in groups if len(one) == 1)
                 out.append(dict(strength=strength, method=method, nfe=nfe, fd=fd, fd_sd=sd, seeds=seeds,
                                 values=[list(v) for v in known]))
     return out
