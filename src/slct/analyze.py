@@ -410,6 +410,8 @@ PREMISE_FINDINGS: tuple[PremiseFinding, ...] = (
     PremiseFinding("1", 0.18, "ladder-diff", 2.01, 4.08),  # a tie
     PremiseFinding("1", 0.18, "ladder-cauchy", 2.34, 3.57),  # a tie
     PremiseFinding("spike:10", 141.97, "slct", 22.55, 57.57),  # a tie: sLCT's seeds spread 250-325
+    PremiseFinding("spike:10", 141.97, "ladder-adaptive-c", 41.98, 38.52),  # iLCT better: seeds 319, 269, 308
+    PremiseFinding("spike:10", 141.97, "ladder-ot", 21.16, 60.45),  # a tie: seeds 229, 302, 303
     PremiseFinding("spike:10", 141.97, "ladder-diff", 18.19, 55.72),  # a tie: seeds 277, 235, 312
     PremiseFinding("spike:10", 141.97, "ladder-cauchy", -8.92, 26.74),  # a tie
     PremiseFinding("spike:30", 321.67, "slct", -28.39, 145.62),  # a tie: sLCT's seeds spread 391-583
