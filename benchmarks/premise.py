@@ -98,13 +98,6 @@ def pooled_mean_sd(groups: list[tuple[list[int], float, float]]) -> tuple[float,
     return mean, sd, sorted(seed for seeds, _, _ in groups for seed in seeds)
 
 
-def archived_seeds(a, strength: str, method: str) -> set:
-    """Seeds of (strength, method) the committed report scored at 1 NFE."""
-    rows = committed(a).get("summary", [])
-    return {seed for r in rows if (r["strength"], r["method"], r["nfe"]) == (strength, method, 1)
-            for seed in r["seeds"]}
-
-
 def encode_args(a, strength: str) -> list[str]:
     out = ["encode", a.zip, "--out", str(data_dir(a, strength)), "--codec", "taef2", "--resolution",
            str(a.resolution), "--holdout", str(a.holdout), "--split", "train", "--no-progress"]
@@ -114,6 +107,8 @@ def encode_args(a, strength: str) -> list[str]:
 def tasks(a, ref: Path) -> list:
     """Seed by seed; within a seed iLCT and sLCT at every strength first, then the ladder's middle rungs."""
     order = [m for m in ("ilct", "slct") if m in a.methods] + [m for m in a.methods if m not in ("ilct", "slct")]
+    # seeds of (strength, method) the committed report scored, read once
+    scored = {(r["strength"], r["method"]): set(r["seeds"]) for r in committed(a).get("summary", []) if r["nfe"] == 1}
     out = []
     for seed in a.seeds:
         for method in order:
@@ -121,7 +116,7 @@ def tasks(a, ref: Path) -> list:
                 run = run_dir(a, strength, method, seed)
                 if tag(strength) == "plain" and not run.exists() and archived(a, method, seed):
                     continue  # scored on the leaderboard already
-                if not run.exists() and seed in archived_seeds(a, strength, method):
+                if not run.exists() and seed in scored.get((strength, method), ()):
                     continue  # scored in the committed report, on an earlier machine
                 final = run / f"snapshot-{a.steps:08d}.pt"
                 cmd = ["train", "--preset", method, "--data-preset", "utkface64", "--data",
