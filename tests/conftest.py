@@ -14,6 +14,12 @@ import pytest
 
 # before torch loads OpenMP: spinning idle threads make CPU steps many times slower on 2-core VMs (see slct.cli._quiet_openmp)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# xdist workers split the cores instead of each taking all of them: two workers of 2 threads on 2 cores contend, and
+# the tiny test networks ran 15-25% slower per step on 2 threads than on 1 even alone (2 cores, PyTorch 2.13). Set
+# before torch loads so that subprocesses (torchrun, the CLI) inherit it too; tests that need a count set their own.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # tests import diffusers directly: make a CUDA-only torchvision beside the CPU torch importable first (slct.compat)
 from slct.compat import ensure_torchvision  # noqa: E402
@@ -25,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 # The longest tests (seconds on 2 cores, from the --durations list every run prints) go one by one to the worker
 # with less of them, at the head of the first chunk pytest-xdist sends each worker (it sends consecutive chunks of
 # a quarter of a worker's share): left where they fall they ran late, or all on one worker (10 min 12 s seen).
-LONGEST_TESTS_S = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 210,
-                 "test_demo_short_mode_beats_the_noise_baseline": 180,
-                 "test_shortcut_demo_beats_the_noise_baseline": 95,
-                 "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 75,
-                 "test_training_runs_match_the_recorded_fingerprints": 30}
+LONGEST_TESTS_S = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 165,
+                   "test_demo_short_mode_beats_the_noise_baseline": 130,
+                   "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 65,
+                   "test_shortcut_demo_beats_the_noise_baseline": 50,
+                   "test_two_nodes_match_one_process_and_only_global_rank_0_writes": 38,
+                   "test_training_runs_match_the_recorded_fingerprints": 35}
 
 
 def _expected_s(item) -> float:
