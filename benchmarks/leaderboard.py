@@ -337,9 +337,10 @@ def seconds_per_step(run: Path) -> float | None:
     return sum(r["sec_per_step"] for r in rows) / len(rows) if rows else None
 
 
-def collect(plan: Plan, a) -> list[dict]:
+def collect(plan: Plan, a, here: str = "this machine") -> list[dict]:
     """One row per (entry, seed, NFE, step) evaluated: the final step and, for runs from scratch, the middle one
-    (and for ldm the teacher's step)."""
+    (and for ldm the teacher's step). ``here`` ("CPU, date") is where the runs in --work trained: each row says where,
+    so a report that later archives them still times them on their own machine."""
     rows = []
     archive = archived_rows(a)
     for name in a.entries:
@@ -367,7 +368,7 @@ def collect(plan: Plan, a) -> list[dict]:
                     rows.append(dict(entry=label, seed=seed, nfe=r["nfe"], step=step, final=final, fd=r["fd"],
                                      precision=r.get("precision"), recall=r.get("recall"), own_steps=own,
                                      teacher_steps=teacher, images=(own + teacher) * a.batch,
-                                     sec_per_step=speed))
+                                     sec_per_step=speed, trained_on=here))
     return rows
 
 
@@ -414,12 +415,50 @@ def summarize(rows: list[dict]) -> list[dict]:
         entry = dict(entry=key[0], nfe=key[1], step=key[2], final=mine[0]["final"],
                      seeds=sorted(r["seed"] for r in mine), own_steps=mine[0]["own_steps"],
                      teacher_steps=mine[0]["teacher_steps"], images=mine[0]["images"])
-        for k in ("fd", "precision", "recall", "sec_per_step"):
+        for k in ("fd", "precision", "recall"):
             vals = [r[k] for r in mine if r[k] is not None]
             if vals:
                 entry[k], entry[f"{k}_sd"] = ablation.mean_sd(vals)
+        entry.update(seconds_by_machine(mine))
         out.append(entry)
     return out
+
+
+def cpu_of(row: dict) -> str:
+    return row.get("trained_on", "an earlier machine").split(", ")[0]  # "CPU, date" -> CPU
+
+
+def seconds_by_machine(rows: list[dict]) -> dict:
+    """s/step is a property of the run AND its machine: seeds trained on different CPUs are averaged per CPU, never
+    together (`sec_per_step_by_machine`: CPU -> [mean, sd, seeds]). `sec_per_step` (+ `_sd`) is that of the CPU that
+    timed the most seeds, for the readers that want one number (the wall-clock board's fallback)."""
+    by_cpu: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("sec_per_step") is not None:
+            by_cpu.setdefault(cpu_of(r), []).append(r["sec_per_step"])
+    if not by_cpu:
+        return {}
+    table = {cpu: [*ablation.mean_sd(v), len(v)] for cpu, v in by_cpu.items()}
+    mean, sd, _ = max(table.values(), key=lambda m: m[2])
+    return dict(sec_per_step=mean, sec_per_step_sd=sd, sec_per_step_by_machine=table)
+
+
+def machine_tags(summary: list[dict]) -> dict[str, str]:
+    """A short tag per CPU that timed a row of the table (its initial, or a number where two share one)."""
+    tags: dict[str, str] = {}
+    for e in summary:
+        for cpu in e.get("sec_per_step_by_machine", {}):
+            if cpu not in tags:
+                tag = cpu[:1].upper() or "?"
+                tags[cpu] = tag if tag not in tags.values() else str(len(tags) + 1)
+    return tags
+
+
+def seconds_cell(e: dict, tags: dict[str, str]) -> str:
+    """e.g. `0.38 +- 0.01 (I)`, or `0.65 (I) / 0.88 +- 0.00 (A)` for an entry whose seeds trained on two CPUs."""
+    cells = [f"{m:.2f}" + (f" +- {sd:.2f}" if n > 1 else "") + (f" ({tags[cpu]})" if len(tags) > 1 else "")
+             for cpu, (m, sd, n) in e.get("sec_per_step_by_machine", {}).items()]
+    return " / ".join(cells) or "-"
 
 
 # the questions the board answers besides "does it beat ldm": (better?, than), each at every NFE both were scored at
@@ -592,14 +631,15 @@ def compute_lines(path: Path, entries) -> list[str]:
 
 
 def report(plan: Plan, a, results: Path) -> Path:
-    rows = collect(plan, a)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info = machine()
+    rows = collect(plan, a, here=f"{info['cpu']}, {date}")
     summary = summarize(rows)
+    tags = machine_tags([e for e in summary if e["final"]])
     judged, curves, stages = verdicts(summary), curve_checks(plan, summary), stage_rows(plan, a)
     pairs = comparisons(summary)
     stem = plan.stem
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    info = machine()
     results.mkdir(exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, budget=plan.budget, teacher_steps=plan.teacher_steps,
@@ -623,8 +663,13 @@ def report(plan: Plan, a, results: Path) -> Path:
     for e in (s for s in summary if s["final"]):
         lines.append(f"| {e['entry']} | {e['nfe']} | {pm(e, 'fd', '.1f')} | {pm(e, 'precision', '.3f')} | "
                      f"{pm(e, 'recall', '.4f')} | {e['own_steps']} + {e['teacher_steps']} | {e['images']:,} | "
-                     f"{pm(e, 'sec_per_step', '.2f')} | {len(e['seeds'])} |")
+                     f"{seconds_cell(e, tags)} | {len(e['seeds'])} |")
     lines.append("")
+    if len(tags) > 1:
+        lines += ["s/step per machine, averaged over the seeds each timed: "
+                  + ", ".join(f"({t}) {cpu}" for cpu, t in tags.items())
+                  + ". Step times from different machines are not comparable; the cost table below times the "
+                    "entries in turn on one machine.", ""]
     lines += compute_lines(results / "compute-utkface64.json", a.entries)
     for t in (s for s in summary if s["entry"] == "ldm" and s["step"] == plan.teacher_steps and "fd" in s):
         lines += [f"- The teacher itself (ldm at step {t['step']}, {t['nfe']} NFE): FD {pm(t, 'fd', '.1f')} "

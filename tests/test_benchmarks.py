@@ -464,6 +464,30 @@ def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path
     assert (tmp_path / "results" / "leaderboard-utkface64-100steps-curves.png").stat().st_size > 0
 
 
+def test_leaderboard_step_times_are_averaged_per_machine_never_across_machines():
+    """Seeds timed on different CPUs (an archived report's and this machine's) keep their own s/step: averaging an
+    Intel 0.65 with two AMD 0.88 would describe neither machine. Rows without a machine are "an earlier machine"."""
+    board = _module("leaderboard")
+    rows = [dict(entry="soflow", nfe=2, step=100, final=True, seed=0, fd=1.0, precision=None, recall=None,
+                 own_steps=100, teacher_steps=0, images=6400, sec_per_step=0.65, trained_on="Intel Xeon, 2026-12-07"),
+            *[dict(entry="soflow", nfe=2, step=100, final=True, seed=s, fd=1.0, precision=None, recall=None,
+                   own_steps=100, teacher_steps=0, images=6400, sec_per_step=v, trained_on="AMD EPYC, 2026-12-03")
+              for s, v in ((1, 0.87), (2, 0.89))],
+            dict(entry="ldm", nfe=35, step=100, final=True, seed=0, fd=1.0, precision=None, recall=None,
+                 own_steps=100, teacher_steps=0, images=6400, sec_per_step=0.4)]
+    soflow, ldm = board.summarize(rows)
+    assert soflow["sec_per_step_by_machine"]["Intel Xeon"] == [0.65, 0.0, 1]
+    m, sd, n = soflow["sec_per_step_by_machine"]["AMD EPYC"]
+    assert (round(m, 6), n) == (0.88, 2) and sd == pytest.approx(0.0141421, abs=1e-6)
+    assert soflow["sec_per_step"] == pytest.approx(0.88)  # one number: the CPU that timed the most seeds
+    tags = board.machine_tags([soflow, ldm])
+    assert tags == {"Intel Xeon": "I", "AMD EPYC": "A", "an earlier machine": "3"}  # "a" is taken: a number
+    assert board.seconds_cell(soflow, tags) == "0.65 (I) / 0.88 +- 0.01 (A)"
+    assert board.seconds_cell(ldm, tags) == "0.40 (3)"
+    assert board.seconds_cell(ldm, {"an earlier machine": "a"}) == "0.40"  # one machine in the table: no tag
+    assert board.seconds_cell(dict(seeds=[0]), tags) == "-"
+
+
 def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path, monkeypatch):
     """run_tasks: a task starts once its needs exist, never more than --jobs at once; a failed task's dependents
     never start and are counted."""
