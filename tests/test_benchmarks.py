@@ -335,6 +335,11 @@ def test_digits_preset_study_commands_parse_and_the_report_gives_verdicts_from_3
     assert "slct budget-n81 vs authors (1 NFE)" in text and "not decided (fewer than 3 seeds)" in text
     saved = json.loads((tmp_path / "results" / "digits-presets.json").read_text())
     assert len(saved["runs"]) == 8 and "optim.decoupled_weight_decay=false" in saved["meta"]["variants"]["authors"]
+    # a new machine, no run folders: the committed report is kept, not replaced by an empty one
+    a.work = str(tmp_path / "elsewhere")
+    with pytest.raises(SystemExit, match="is kept"):
+        digits.stage_report(a)
+    assert json.loads((tmp_path / "results" / "digits-presets.json").read_text()) == saved
 
 
 def test_leaderboard_commands_parse_and_count_the_teacher_in_the_budget(tmp_path, capsys):
