@@ -62,10 +62,14 @@ def run_dir(a, strength: str, method: str, seed: int) -> Path:
     return Path(a.work) / f"premise-{a.steps}steps" / tag(strength) / f"{method}-seed{seed}"
 
 
-def archived(a, method: str, seed: int) -> list[dict]:
-    """A plain run's final rows from the committed leaderboard report, when its folder is gone (a new machine)."""
-    rows = leaderboard.archived_rows(argparse.Namespace(budget=a.steps, archive=None))
-    return [r for r in rows if r["entry"] == method and r["seed"] == seed and r["final"]]
+def leaderboard_archive(a) -> list[dict]:
+    """The committed leaderboard report's final run rows of this budget (read once per plan or report)."""
+    return [r for r in leaderboard.archived_rows(argparse.Namespace(budget=a.steps, archive=None)) if r["final"]]
+
+
+def archived(board: list[dict], method: str, seed: int) -> list[dict]:
+    """A plain run's final rows from the committed leaderboard report (``board``), when its folder is gone."""
+    return [r for r in board if r["entry"] == method and r["seed"] == seed]
 
 
 def committed(a) -> dict:
@@ -109,12 +113,13 @@ def tasks(a, ref: Path) -> list:
     order = [m for m in ("ilct", "slct") if m in a.methods] + [m for m in a.methods if m not in ("ilct", "slct")]
     # seeds of (strength, method) the committed report scored, read once
     scored = {(r["strength"], r["method"]): set(r["seeds"]) for r in committed(a).get("summary", []) if r["nfe"] == 1}
+    board = leaderboard_archive(a)
     out = []
     for seed in a.seeds:
         for method in order:
             for strength in a.strengths:
                 run = run_dir(a, strength, method, seed)
-                if tag(strength) == "plain" and not run.exists() and archived(a, method, seed):
+                if tag(strength) == "plain" and not run.exists() and archived(board, method, seed):
                     continue  # scored on the leaderboard already
                 if not run.exists() and seed in scored.get((strength, method), ()):
                     continue  # scored in the committed report, on an earlier machine
@@ -146,6 +151,7 @@ def summarize(a) -> list[dict]:
     """FD mean +- sd per (strength, method, NFE) over the seeds scored here, with the committed report's rows for
     seeds whose run folders are gone; ``values`` lists each seed's FD where it is known on its own."""
     old = {(r["strength"], r["method"], r["nfe"]): r for r in committed(a).get("summary", [])}
+    board = leaderboard_archive(a)
     out = []
     for strength in a.strengths:
         for method in a.methods:
@@ -156,7 +162,7 @@ def summarize(a) -> list[dict]:
                 if path.exists():
                     results = json.loads(path.read_text())["results"]
                 elif tag(strength) == "plain" and not run.exists():
-                    results = archived(a, method, seed)
+                    results = archived(board, method, seed)
                 else:
                     continue
                 for r in results:
