@@ -300,6 +300,10 @@ def run_tasks(todo: list[Task], jobs: int, threads: int) -> int:
     try:
         while pending or running:
             for task in [t for t in pending if all(n.exists() for n in t.needs)]:
+                if task.done.exists():  # made meanwhile (a board sharing the run, or by hand): not run twice
+                    pending.remove(task)
+                    print(f"== {task.what}: done meanwhile", flush=True)
+                    continue
                 if len(running) >= jobs:
                     break
                 pending.remove(task)

@@ -511,6 +511,12 @@ def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path,
     assert log.read_text().split() == ["b", "a", "c"] and not d.exists()
     assert board.run_tasks(todo[:2], jobs=2, threads=1) == 0  # all done: nothing runs again
     assert log.read_text().split() == ["b", "a", "c"]
+    # a task whose result appears while it waits (another board sharing the run made it) does not run again
+    e, f = tmp_path / "e", tmp_path / "f"
+    todo = [board.Task("f", f, [str(f), "0.3", str(log), "ok"]),
+            board.Task("e", f, [str(e), "0", str(log), "ok"], needs=(f,))]
+    assert board.run_tasks(todo, jobs=1, threads=1) == 0
+    assert log.read_text().split() == ["b", "a", "c", "f"] and not e.exists()
 
 
 def test_leaderboard_wall_clock_matching_gives_each_entry_the_seconds_of_ldms_budget(tmp_path, monkeypatch):
