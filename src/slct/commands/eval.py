@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slct.commands.options import add_ema_option, add_solver_option
+
 HELP = "evaluate a snapshot or an image folder (FID/FD, precision, recall, density, coverage); `eval ref` makes reference stats"
 
 
@@ -53,11 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations to evaluate; None: the run's (1 2 for consistency models)")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever the batch or process count")
-    p.add_argument("--solver", choices=("map", "euler", "heun"), default=None,
-                   help="the sampler: euler | heun for ldm and for any flow model's velocity ODE (any NFE), map for "
-                   "a flow-map model's own k-step jumps (MeanFlow, Shortcut, SoFlow); default: the run's")
-    p.add_argument("--ema", default=None, help="which weights of the snapshot: an EMA name (rampup, std=0.05), a "
-                   "decay (0.9999) or 'online'; None: the run's default (train.ema_default)")
+    add_solver_option(p)
+    add_ema_option(p)
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="class-conditional snapshots: balanced (seed mod K), random, none, or class names / ids; "
                    "None: the reference's class (`eval ref --class`), else balanced")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from slct.commands.options import add_ema_option
+
 HELP = "export a snapshot as a diffusers pipeline folder (DiffusionPipeline.from_pretrained loads it)"
 
 
@@ -12,8 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("snapshot", help="a snapshot-*.pt, a run directory (its newest snapshot) or a checkpoint")
     p.add_argument("out", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--format", choices=["diffusers"], default="diffusers", help="the target library")
-    p.add_argument("--ema", default=None, help="which weights: an EMA name (rampup, std=0.05), a decay or 'online'; "
-                   "None: the run's default (train.ema_default)")
+    add_ema_option(p)
 
 
 def run(args) -> int:

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from slct.cli import one_line
+from slct.commands.options import add_ema_option, add_solver_option
 
 HELP = "generate images from a snapshot (1-step, 2-step, k-step; per-sample seeds; PNGs, a grid or .npz)"
 
@@ -21,13 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=None,
                    help="network evaluations: 1, 2 or k for consistency models (default 1 2); the solver's NFE for ldm")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, whatever --batch or the process count")
-    p.add_argument("--solver", choices=("map", "euler", "heun"), default=None,
-                   help="the sampler: euler | heun for ldm and for any flow model's velocity ODE (any NFE), map for "
-                   "a flow-map model's own k-step jumps (MeanFlow, Shortcut, SoFlow); default: the run's")
+    add_solver_option(p)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sigma-mid", type=float, default=None, help="2-step intermediate sigma (default: the run's)")
-    p.add_argument("--ema", default=None, help="which weights: an EMA name (rampup, std=0.05), a decay (0.9999) or "
-                   "'online'; None: the run's default (train.ema_default)")
+    add_ema_option(p)
     p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
                    help="class-conditional models: balanced (default: seed mod K), random, none (the null label), or "
                    "class names / ids (the sample with seed s gets LABELS[s mod len(LABELS)])")
