@@ -336,6 +336,16 @@ def run_tasks(todo: list[Task], jobs: int, threads: int) -> int:
     return len(failed)
 
 
+def add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of every board that scores its runs and runs them through run_tasks (this one, sweep.py,
+    premise.py): one definition, so --jobs or --stage mean the same in each."""
+    p.add_argument("--n-eval", type=int, default=1000, help="samples scored per evaluation")
+    p.add_argument("--jobs", type=int, default=2, help="commands side by side")
+    p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")
+    p.add_argument("--stage", nargs="+", default=["data", "train", "report"], choices=["data", "train", "report"])
+    p.add_argument("--print", action="store_true", help="list the commands (done ones marked) and exit")
+
+
 def seconds_per_step(run: Path) -> float | None:
     """The median over the run's logging windows: a window that held a pause (SIGSTOP, a stop and resume, a
     machine shared for a while) is an outlier the mean would carry (the 8,000-step fm-tuned run: mean 1.26, median
@@ -749,11 +759,7 @@ def parser() -> argparse.ArgumentParser:
                    "none for only the runs here)")
     p.add_argument("--seed-first", action="store_true",
                    help="run every entry's first seed before any second seed (a partial board covers every entry)")
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--jobs", type=int, default=2, help="commands side by side")
-    p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")
-    p.add_argument("--stage", nargs="+", default=["data", "train", "report"], choices=["data", "train", "report"])
-    p.add_argument("--print", action="store_true", help="list the commands (done ones marked) and exit")
+    add_runner_arguments(p)
     return p
 
 

@@ -345,11 +345,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--strengths", nargs="+", default=STRENGTHS)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--stage", nargs="+", default=["data", "train", "report"], choices=["data", "train", "report"])
-    p.add_argument("--print", action="store_true")
+    leaderboard.add_runner_arguments(p)
     return p
 
 

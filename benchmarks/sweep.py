@@ -241,11 +241,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", default=[], metavar="POINT",
                    help="train only these points (names as --print shows them, e.g. fm-lr0.0005-b0.999-do0)")
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--jobs", type=int, default=2, help="commands side by side")
-    p.add_argument("--threads", type=int, default=0, help="threads per command (0: the cores / --jobs)")
-    p.add_argument("--stage", nargs="+", default=["data", "train", "report"], choices=["data", "train", "report"])
-    p.add_argument("--print", action="store_true", help="list the commands (done ones marked) and exit")
+    leaderboard.add_runner_arguments(p)
     return p
 
 
