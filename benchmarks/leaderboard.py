@@ -605,15 +605,21 @@ def stage_rows(plan: Plan, a) -> list[dict]:
     return out
 
 
-def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str) -> None:
-    """The sample grids of every entry's first seed and the FD curves (steps counted with the teacher's)."""
+def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str, shown: list[str]) -> list[str]:
+    """The sample grids of every entry's first seed and the FD curves (steps counted with the teacher's). ``shown``:
+    the entries the committed grid holds; it is redrawn only when this machine has the snapshots of more of them
+    (a board filled in over several sessions, or several machines, keeps its fullest grid). Returns the entries the
+    grid now holds."""
     named = [(name, plan.run(name, plan.seeds[0]) /
               f"snapshot-{plan.own_steps(name):08d}.pt") for name in a.entries]
+    have = [n for n, p in named if p.exists()]
     grid = results / f"{stem}-samples.jpg"
-    if all(p.exists() for _, p in named) or not grid.exists():  # else: the earlier grid, which has every entry
+    if have and (not grid.exists() or set(have) > set(shown) or len(have) == len(named)):
         ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", grid)
+        shown = have
     ablation.figure_curves([dict(method=r["entry"], nfe=r["nfe"], n=a.n_eval, step=r["teacher_steps"] + r["step"],
                                  fd=r["fd"]) for r in rows if r["nfe"] in (1, 35)], results / f"{stem}-curves.png")
+    return shown
 
 
 def two_sd(v: dict) -> str:
@@ -659,9 +665,13 @@ def report(plan: Plan, a, results: Path) -> Path:
     stem = plan.stem
     command = shlex.join(["python", "benchmarks/leaderboard.py", *sys.argv[1:]])
     results.mkdir(exist_ok=True)
+    before = json.loads((results / f"{stem}.json").read_text())["meta"] if (results / f"{stem}.json").exists() else {}
+    # a report from before the grid's entries were recorded drew its grid only once it had every entry
+    shown = figures(plan, a, rows, results, stem, before.get("sample_grid", list(before.get("entries", {}))))
     (results / f"{stem}.json").write_text(json.dumps(dict(
         meta=dict(command=command, date=date, machine=info, budget=plan.budget, teacher_steps=plan.teacher_steps,
-                  n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries}),
+                  n_eval=a.n_eval, jobs=a.jobs, entries={k: vars(ENTRIES[k]) for k in a.entries},
+                  sample_grid=shown),
         summary=summary, verdicts=judged, curves=curves, comparisons=pairs, stages=stages, runs=rows), indent=2,
         default=list) + "\n")
     title = (f"# Equal-budget leaderboard: UTKFace 64 px, TAEF2, unet-small, {plan.budget} steps in all"
@@ -727,9 +737,11 @@ def report(plan: Plan, a, results: Path) -> Path:
         for r in stages:
             adam = "-" if r["adam_step_rms_max"] is None else f"{r['adam_step_rms_max']:.2f}"
             lines.append(f"| {r['entry']} | {r['n_scales']} | {r['grad_norm_median']:.3g} | {adam} | {r['seeds']} |")
-    figures(plan, a, rows, results, stem)
-    lines += ["", f"![samples]({stem}-samples.jpg)", "",
-              f"The same 32 seeds through each entry's final snapshot (seed {plan.seeds[0]}, ramp-up EMA).", "",
+    partial = f": {', '.join(shown)} (the others' snapshots are not here yet)" if set(shown) < set(a.entries) else ""
+    if (results / f"{stem}-samples.jpg").exists():
+        lines += ["", f"![samples]({stem}-samples.jpg)", "", f"The same 32 seeds through each entry's final "
+                  f"snapshot (seed {plan.seeds[0]}, ramp-up EMA){partial}."]
+    lines += ["",
               f"![curves]({stem}-curves.png)", "",
               "FD against the step, teacher steps included (mean +- sd over seeds; 1 NFE, ldm at 35)."]
     (results / f"{stem}.md").write_text("\n".join(lines) + "\n")

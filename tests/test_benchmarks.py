@@ -505,6 +505,38 @@ def test_leaderboard_step_time_of_a_run_ignores_a_paused_window(tmp_path):
     assert board.seconds_per_step(tmp_path) == 1.0
 
 
+def test_leaderboard_sample_grid_grows_with_the_snapshots_here_and_never_shrinks(tmp_path, monkeypatch):
+    """A board filled in over sessions: its grid is redrawn when this machine has more entries' snapshots than the
+    committed grid shows (or all of them), never replaced by one with fewer (a new machine with part of the runs)."""
+    board = _module("leaderboard")
+    drawn = []
+    monkeypatch.setattr(board.ablation, "snapshot_grids",
+                        lambda named, ema, out: (drawn.append([n for n, _ in named]), out.write_bytes(b"jpg")))
+    monkeypatch.setattr(board.ablation, "figure_curves", lambda curves, out: None)
+    plan = board.Plan(tmp_path, 100, 60, [0])
+    a = board.parser().parse_args(["--work", str(tmp_path), "--entries", "fm-tuned", "soflow", "shortcut"])
+    results = tmp_path / "results"
+    results.mkdir()
+
+    def train(name):
+        plan.run(name, 0).mkdir(parents=True, exist_ok=True)
+        (plan.run(name, 0) / f"snapshot-{plan.own_steps(name):08d}.pt").write_bytes(b"")
+
+    assert board.figures(plan, a, [], results, "b", []) == [] and drawn == []  # nothing to draw
+    train("fm-tuned")
+    assert board.figures(plan, a, [], results, "b", []) == ["fm-tuned"]  # the first grid, partial
+    train("soflow")
+    assert board.figures(plan, a, [], results, "b", ["fm-tuned"]) == ["fm-tuned", "soflow"]  # one more entry
+    # a committed grid of all three (an older machine's) is kept while this one has two of them
+    assert board.figures(plan, a, [], results, "b", ["fm-tuned", "soflow", "shortcut"]) == [
+        "fm-tuned", "soflow", "shortcut"]
+    assert board.figures(plan, a, [], results, "b", ["shortcut"]) == ["shortcut"]  # two others: not more of them
+    train("shortcut")
+    assert board.figures(plan, a, [], results, "b", ["fm-tuned", "soflow", "shortcut"]) == [
+        "fm-tuned", "soflow", "shortcut"]  # every entry here: redrawn from this machine's runs
+    assert drawn == [["fm-tuned"], ["fm-tuned", "soflow"], ["fm-tuned", "soflow", "shortcut"]]
+
+
 def test_leaderboard_scheduler_runs_side_by_side_after_what_each_needs(tmp_path, monkeypatch):
     """run_tasks: a task starts once its needs exist, never more than --jobs at once; a failed task's dependents
     never start and are counted."""
