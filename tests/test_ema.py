@@ -100,7 +100,8 @@ def test_ema_class_tracks_every_profile():
     assert default_ema(["0.99", "0.999"], None) == "0.999"
 
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=2", "train.device=cpu",
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
+        "logging.grid_size=4", "logging.log_every_steps=2", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=4"]
 
 

@@ -14,7 +14,8 @@ from slct.objectives import ObjectiveConfig, build_objective
 from slct.objectives.soflow import MIN_GAP, soflow_draws, soflow_ratio
 from slct.training import train
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=2", "train.device=cpu",
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
+        "logging.grid_size=4", "logging.log_every_steps=2", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=2"]
 
 

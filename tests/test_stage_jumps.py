@@ -15,7 +15,8 @@ from slct.config import load_config
 from slct.curriculum import curriculum_stages, stage_start_step
 from slct.training import learning_rate, train
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=2", "train.device=cpu",
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
+        "logging.grid_size=4", "logging.log_every_steps=2", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=4", "objective.min_stage_steps=0"]
 
 

@@ -18,7 +18,7 @@ from slct.cli import main
 from slct.config import list_presets, load_config
 from slct.training import train
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.log_every_steps=5"]
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.grid_size=4", "logging.log_every_steps=5"]
 
 
 def tiny_cfg(method="slct", steps=20, batch=16, *extra):
@@ -321,6 +321,8 @@ def test_diagnostics_per_noise_band_and_gradient_norm(tmp_path):
                                              "train.device=cpu"]), ldm, progress=False)
     row = [json.loads(r) for r in open(ldm / "metrics.jsonl") if '"loss"' in r][-1]
     assert any(k.startswith("loss_sigma_") for k in row) and not any(k.startswith("r2c2") for k in row)
+    # 5 steps logged every 5: one point is no curve, so no training.png (drawing it costs a second per run)
+    assert len([r for r in open(ldm / "metrics.jsonl") if '"step"' in r]) == 1 and not (ldm / "training.png").exists()
 
 
 def test_calibrated_c_is_measured_per_stage_and_resumes_bitwise(tmp_path):
