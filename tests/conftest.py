@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 # The longest tests (seconds on 2 cores, from the --durations list every run prints) go one by one to the worker
 # with less of them, at the head of the first chunk pytest-xdist sends each worker (it sends consecutive chunks of
 # a quarter of a worker's share): left where they fall they ran late, or all on one worker (10 min 12 s seen).
-LONGEST_TESTS_S = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 140,
-                   "test_demo_short_mode_beats_the_noise_baseline": 90,
-                   "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 55,
-                   "test_shortcut_demo_beats_the_noise_baseline": 45,
-                   "test_training_runs_match_the_recorded_fingerprints": 27,
+LONGEST_TESTS_S = {"test_meanflow_demo_two_step_samples_beat_the_noise_baseline": 170,
+                   "test_demo_short_mode_beats_the_noise_baseline": 95,
+                   "test_gpu_check_script_runs_every_step_at_toy_size_on_a_cpu": 65,
+                   "test_shortcut_demo_beats_the_noise_baseline": 55,
+                   "test_two_nodes_match_one_process_and_only_global_rank_0_writes": 28,
                    "test_digits_board_trains_scores_and_judges_against_the_best_baseline": 27,
-                   "test_two_nodes_match_one_process_and_only_global_rank_0_writes": 23}
+                   "test_training_runs_match_the_recorded_fingerprints": 25}
 
 
 def _expected_s(item) -> float:

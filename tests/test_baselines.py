@@ -22,7 +22,7 @@ from slct.training import train
 from slct.training.setup import build_optimizer, learning_rate, warmup_steps
 
 TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.log_every_steps=1", "train.device=cpu",
+        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=1", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=4"]
 
 

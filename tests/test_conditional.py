@@ -15,7 +15,7 @@ from slct.sampling import labels_for_seeds, load_snapshot
 from slct.training import train
 
 TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.log_every_steps=5", "train.device=cpu",
+        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=5", "train.device=cpu",
         "checkpoint.every_steps=1000", "train.batch_size=16", "data.conditional=true"]
 
 

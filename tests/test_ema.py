@@ -101,7 +101,7 @@ def test_ema_class_tracks_every_profile():
 
 
 TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.log_every_steps=2", "train.device=cpu",
+        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=4"]
 
 

@@ -23,7 +23,7 @@ from slct.sampling import flow_sample
 from slct.training import train
 
 TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.log_every_steps=2", "train.device=cpu",
+        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
         "train.batch_size=16"]
 S = 0.5  # data std of the Gaussian toy
 

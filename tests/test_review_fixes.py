@@ -14,7 +14,7 @@ from slct.config import load_config
 from slct.training import train
 
 TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.log_every_steps=1", "train.device=cpu",
+        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=1", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=2"]
 
 

@@ -16,7 +16,7 @@ from slct.curriculum import curriculum_stages, stage_start_step
 from slct.training import learning_rate, train
 
 TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.log_every_steps=2", "train.device=cpu",
+        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
         "train.batch_size=8", "checkpoint.every_steps=4", "objective.min_stage_steps=0"]
 
 

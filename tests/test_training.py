@@ -18,7 +18,9 @@ from slct.cli import main
 from slct.config import list_presets, load_config
 from slct.training import train
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.grid_size=4", "logging.log_every_steps=5"]
+# small end-of-run grids and no training.png: drawn in every test run they cost seconds (tested where they matter)
+TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.grid_size=4", "logging.plot=false",
+        "logging.log_every_steps=5"]
 
 
 def tiny_cfg(method="slct", steps=20, batch=16, *extra):
@@ -244,7 +246,7 @@ def test_periodic_evaluation_logs_fd_and_plots_it(tmp_path):
 
     ref = save_reference(compute_reference("builtin:digits8", get_extractor("pixels"), progress=False),
                          tmp_path / "ref.npz")
-    sets = ["logging.eval_every_steps=4", f"logging.eval_reference={ref}", "logging.eval_n=64"]
+    sets = ["logging.eval_every_steps=4", f"logging.eval_reference={ref}", "logging.eval_n=64", "logging.plot=true"]
     train(tiny_cfg("slct", 8, 16, *sets), tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"eval_step"' in line]
     assert [r["eval_step"] for r in rows] == [4, 8]
@@ -306,7 +308,7 @@ def test_diagnostics_per_noise_band_and_gradient_norm(tmp_path):
     from slct.training import NOISE_BANDS, noise_band
 
     assert noise_band(torch.tensor([0.002, 0.1, 0.5, 1.0, 9.9, 10.0, 80.0])).tolist() == [0, 1, 1, 2, 2, 3, 3]
-    train(tiny_cfg("slct", 10, 16), tmp_path, progress=False)
+    train(tiny_cfg("slct", 10, 16, "logging.plot=true"), tmp_path, progress=False)
     rows = [json.loads(r) for r in open(tmp_path / "metrics.jsonl") if '"loss"' in r]
     last = rows[-1]
     assert last["grad_norm"] > 0
@@ -318,11 +320,14 @@ def test_diagnostics_per_noise_band_and_gradient_norm(tmp_path):
     assert (tmp_path / "training.png").stat().st_size > 20_000
     ldm = tmp_path / "ldm"
     train(load_config("ldm", "digits", sets=[*TINY, "train.total_steps=5", "train.batch_size=16",
-                                             "train.device=cpu"]), ldm, progress=False)
+                                             "train.device=cpu", "logging.plot=true"]), ldm, progress=False)
     row = [json.loads(r) for r in open(ldm / "metrics.jsonl") if '"loss"' in r][-1]
     assert any(k.startswith("loss_sigma_") for k in row) and not any(k.startswith("r2c2") for k in row)
     # 5 steps logged every 5: one point is no curve, so no training.png (drawing it costs a second per run)
     assert len([r for r in open(ldm / "metrics.jsonl") if '"step"' in r]) == 1 and not (ldm / "training.png").exists()
+    quiet = tmp_path / "quiet"  # logging.plot=false (TINY): two logged steps, still no picture
+    train(tiny_cfg("slct", 10, 16), quiet, progress=False)
+    assert len([r for r in open(quiet / "metrics.jsonl") if '"step"' in r]) == 2 and not (quiet / "training.png").exists()
 
 
 def test_calibrated_c_is_measured_per_stage_and_resumes_bitwise(tmp_path):

@@ -140,6 +140,7 @@ class LoggingConfig:
     sample_every_steps: int = 5000  # 1- and 2-step sample grids from the EMA model; 0 = only at the end
     grid_size: int = 64  # images per sample grid (fixed seeds 0..grid_size-1)
     tensorboard: bool = False  # needs the "tensorboard" extra
+    plot: bool = True  # training.png at the end of a run (and at a stop); ~1 s each, so sweeps of tiny runs may skip it
     eval_every_steps: int = 0  # FD (+ precision/recall) of the EMA model against logging.eval_reference; 0 = off
     eval_reference: str = ""  # reference statistics from `slct eval ref` (their extractor is used)
     eval_n: int = 1000  # samples per periodic evaluation (small: a trend, not the 50k protocol)

@@ -262,6 +262,8 @@ class Monitor:
     def finish(self, done: bool) -> dict:
         self.metrics.close()
         files = {"metrics": self.run_dir / "metrics.jsonl"}
+        if not self.cfg.logging.plot:
+            return files
         obj, stages = self.cfg.objective, None
         from slct.objectives import uses_curriculum
 
