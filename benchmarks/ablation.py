@@ -329,11 +329,9 @@ def figure_curves(curves: list[dict], out: Path) -> None:
     ax.set_ylabel("FD-MobileNetV2 (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if not curves:  # a report scored only at its last step: empty axes, and no legend to draw
-        pass
-    elif len(methods) <= 6:
+    if curves and len(methods) <= 6:  # (no curve points: empty axes, no legend to draw)
         ax.legend(fontsize=8)
-    else:  # beside the axes: inside, a long legend hides the curves
+    elif curves:  # beside the axes: inside, a long legend hides the curves
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(out, dpi=130)

@@ -612,11 +612,11 @@ def figures(plan: Plan, a, rows: list[dict], results: Path, stem: str, shown: li
     grid now holds."""
     named = [(name, plan.run(name, plan.seeds[0]) /
               f"snapshot-{plan.own_steps(name):08d}.pt") for name in a.entries]
-    have = [n for n, p in named if p.exists()]
+    have = [(n, p) for n, p in named if p.exists()]
     grid = results / f"{stem}-samples.jpg"
-    if have and (not grid.exists() or set(have) > set(shown) or len(have) == len(named)):
-        ablation.snapshot_grids([(n, p) for n, p in named if p.exists()], "rampup", grid)
-        shown = have
+    if have and (not grid.exists() or {n for n, _ in have} > set(shown) or len(have) == len(named)):
+        ablation.snapshot_grids(have, "rampup", grid)
+        shown = [n for n, _ in have]
     ablation.figure_curves([dict(method=r["entry"], nfe=r["nfe"], n=a.n_eval, step=r["teacher_steps"] + r["step"],
                                  fd=r["fd"]) for r in rows if r["nfe"] in (1, 35)], results / f"{stem}-curves.png")
     return shown

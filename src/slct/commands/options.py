@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from slct.config import FLOW_SOLVERS
+
 
 def add_ema_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", default=None, help="which weights of the snapshot: an EMA name (rampup, std=0.05), a "
@@ -11,6 +13,6 @@ def add_ema_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_solver_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", choices=("map", "euler", "heun"), default=None,
+    p.add_argument("--solver", choices=FLOW_SOLVERS, default=None,
                    help="the sampler: euler | heun for ldm and for any flow model's velocity ODE (any NFE), map for "
                    "a flow-map model's own k-step jumps (MeanFlow, Shortcut, SoFlow); default: the run's")
