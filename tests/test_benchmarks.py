@@ -287,7 +287,10 @@ def test_ctrl_c_lets_a_training_run_write_its_checkpoint(tmp_path):
              "    sys.exit(130)\n"
              "signal.signal(signal.SIGINT, stop)\n"
              f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('')\n"
-             "time.sleep(60)\n")
+             # short sleeps, not one sleep(60): a SIGINT landing between Python's last signal check and the sleep's
+             # syscall waits for the sleep to end (CI once saw exactly that: a 60 s hang); a training step is short
+             "for _ in range(1200):\n"
+             "    time.sleep(0.05)\n")
     # a Python started from a background job inherits SIGINT ignored (no KeyboardInterrupt): restore a terminal's
     parent = (f"import importlib.util, signal, sys\n"
               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
