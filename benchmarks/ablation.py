@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine  # noqa: E402
+from common import machine, write_report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
@@ -414,9 +414,7 @@ def stage_report(a, work: Path, methods: list[str], stem: str | None = None,
                   + (f"; {samples[-1]} shows the runs trained since ({', '.join(drawn)})." if drawn else ".")]
     lines += ["", *([a.note, ""] if a.note else []), *(line for name in samples for line in (f"![samples]({name})", "")),
               f"![FD against training step]({stem}-curves.png)", ""]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    return RESULTS / f"{stem}.md"
+    return write_report(RESULTS / f"{stem}.md", lines)
 
 
 def parser(description: str = "", stages: tuple[str, ...] = STAGES) -> argparse.ArgumentParser:

@@ -59,6 +59,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def write_report(path: Path, lines: list[str]) -> Path:
+    """A report's Markdown: written (one trailing newline), shown on the terminal, and its path returned."""
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path
+
+
 def load_sibling(name: str):
     """Another benchmark script of this folder as a module (the scripts are files, not a package)."""
     spec = importlib.util.spec_from_file_location(f"slct_bench_{name}", Path(__file__).resolve().parent / f"{name}.py")

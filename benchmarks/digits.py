@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from common import SETTINGS, load_sibling, machine, overrides  # noqa: E402
+from common import SETTINGS, load_sibling, machine, overrides, write_report  # noqa: E402
 
 VARIANTS = {name: overrides(name) for name in SETTINGS}  # common.SETTINGS: all four settings spelled out
 # MeanFlow's time sampler for short runs (beyond the paper): the paper's logit-normal times against a share of rows
@@ -139,9 +139,7 @@ def stage_report(a) -> Path:
                      f"{c['fd_difference']:.2f} ({a.baseline} minus {c['variant']}; positive: {c['variant']} is lower), "
                      f"2 pooled sd = {2 * c['pooled_sd']:.2f}: beats by more than 2 pooled sd: **{verdict}**")
     lines += ["", "Per-seed scores are in the JSON beside this file.", ""]
-    (RESULTS / f"{a.report}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    return RESULTS / f"{a.report}.md"
+    return write_report(RESULTS / f"{a.report}.md", lines)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import load_sibling, machine  # noqa: E402
+from common import load_sibling, machine, write_report  # noqa: E402
 
 ablation = load_sibling("ablation")
 
@@ -134,10 +134,7 @@ def report(a) -> Path:
                    " (worse beyond 2 pooled sd)" if v["worse"] else "")
             lines.append(f"- {v['entry']} at {v['nfe']} NFE: FD lower by {v['fd_difference']:.3f} (2 pooled sd "
                          f"{2 * v['pooled_sd']:.3f}): beats the bar by more than 2 pooled sd: {verdict}{tie}")
-    out = ablation.RESULTS / f"{stem}.md"
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return out
+    return write_report(ablation.RESULTS / f"{stem}.md", lines)
 
 
 def parser() -> argparse.ArgumentParser:

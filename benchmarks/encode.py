@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, sync  # noqa: E402
+from common import machine, sync, write_report  # noqa: E402
 from PIL import Image
 
 from slct.codecs import get_codec
@@ -156,8 +156,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"encode-{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(stem.with_suffix(".md"), lines)
     return 0
 
 

@@ -65,7 +65,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import load_sibling, machine  # noqa: E402
+from common import load_sibling, machine, write_report  # noqa: E402
 
 ablation = load_sibling("ablation")  # slct(), the data and reference stages, mean_sd(), the seed rule, figures
 GROUP_NORMS = ["network.block_norm=group", "network.out_norm=group"]  # the ldm preset's: a tuned run must match
@@ -744,9 +744,7 @@ def report(plan: Plan, a, results: Path) -> Path:
     lines += ["",
               f"![curves]({stem}-curves.png)", "",
               "FD against the step, teacher steps included (mean +- sd over seeds; 1 NFE, ldm at 35)."]
-    (results / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return results / f"{stem}.md"
+    return write_report(results / f"{stem}.md", lines)
 
 
 def parser() -> argparse.ArgumentParser:

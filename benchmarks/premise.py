@@ -36,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import load_sibling, machine  # noqa: E402
+from common import load_sibling, machine, write_report  # noqa: E402
 
 ablation = load_sibling("ablation")
 leaderboard = load_sibling("leaderboard")
@@ -329,10 +329,7 @@ def report(a) -> Path:
     if samples["added"]:
         lines += ["", f"Runs scored since that strip (trained on another machine): {', '.join(samples['added'])}:",
                   "", f"![samples, added]({stem}-samples-added.png)"]
-    out = results / f"{stem}.md"
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return out
+    return write_report(results / f"{stem}.md", lines)
 
 
 def parser() -> argparse.ArgumentParser:
