@@ -20,10 +20,9 @@ from slct.objectives.flow_matching import fm_times
 from slct.sampling import flow_ode_sample, set_solver
 from slct.training import train
 from slct.training.setup import build_optimizer, learning_rate, warmup_steps
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=1", "train.device=cpu",
-        "train.batch_size=8", "checkpoint.every_steps=4"]
+TINY = [*TINY_RUN, "logging.log_every_steps=1", "train.device=cpu", "train.batch_size=8", "checkpoint.every_steps=4"]
 
 
 def test_fm_loss_is_the_velocity_regression():

@@ -13,10 +13,10 @@ from slct.cli import main
 from slct.config import load_config
 from slct.sampling import labels_for_seeds, load_snapshot
 from slct.training import train
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=5", "train.device=cpu",
-        "checkpoint.every_steps=1000", "train.batch_size=16", "data.conditional=true"]
+TINY = [*TINY_RUN, "logging.log_every_steps=5", "train.device=cpu", "checkpoint.every_steps=1000",
+        "train.batch_size=16", "data.conditional=true"]
 
 
 @pytest.fixture(scope="module")

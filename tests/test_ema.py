@@ -15,6 +15,7 @@ from slct.config import load_config
 from slct.ema import (EMA, FixedDecay, PowerEMA, RampUp, default_ema, posthoc_coefficients, power_gamma,
                       power_profile, power_std)
 from slct.training import train
+from tiny_run import TINY_RUN
 
 
 def test_power_ema_width_and_exponent_match_edm2():
@@ -100,9 +101,7 @@ def test_ema_class_tracks_every_profile():
     assert default_ema(["0.99", "0.999"], None) == "0.999"
 
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
-        "train.batch_size=8", "checkpoint.every_steps=4"]
+TINY = [*TINY_RUN, "logging.log_every_steps=2", "train.device=cpu", "train.batch_size=8", "checkpoint.every_steps=4"]
 
 
 def test_posthoc_ema_from_a_run_samples_like_any_snapshot(tmp_path, capsys):

@@ -21,10 +21,9 @@ from slct.objectives import (MeanFlowObjective, ObjectiveConfig, ShortcutObjecti
 from slct.precond import FlowModel
 from slct.sampling import flow_sample
 from slct.training import train
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
-        "train.batch_size=16"]
+TINY = [*TINY_RUN, "logging.log_every_steps=2", "train.device=cpu", "train.batch_size=16"]
 S = 0.5  # data std of the Gaussian toy
 
 

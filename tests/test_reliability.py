@@ -20,9 +20,9 @@ from slct import checkpoint
 from slct.cli import main
 from slct.config import load_config
 from slct.training import TrainingDiverged, train
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=1", "train.device=cpu"]
+TINY = [*TINY_RUN, "logging.log_every_steps=1", "train.device=cpu"]
 TRAIN = ["train", "--preset", "slct", "--data-preset", "digits", "--batch", "8", "--device", "cpu",
          "--set", "logging.sample_every_steps=0", "--set", "logging.log_every_steps=1"]
 

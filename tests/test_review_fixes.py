@@ -12,10 +12,9 @@ import torch
 from slct import checkpoint
 from slct.config import load_config
 from slct.training import train
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=1", "train.device=cpu",
-        "train.batch_size=8", "checkpoint.every_steps=2"]
+TINY = [*TINY_RUN, "logging.log_every_steps=1", "train.device=cpu", "train.batch_size=8", "checkpoint.every_steps=2"]
 
 
 @pytest.mark.parametrize("preset", ["norm-layer-elementwise", "slct-authors-nsln"])

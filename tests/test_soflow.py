@@ -13,10 +13,9 @@ from slct.config import load_config
 from slct.objectives import ObjectiveConfig, build_objective
 from slct.objectives.soflow import MIN_GAP, soflow_draws, soflow_ratio
 from slct.training import train
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
-        "train.batch_size=8", "checkpoint.every_steps=2"]
+TINY = [*TINY_RUN, "logging.log_every_steps=2", "train.device=cpu", "train.batch_size=8", "checkpoint.every_steps=2"]
 
 
 def test_draws_put_l_between_s_and_t_and_walk_r_towards_t():

@@ -14,10 +14,10 @@ from slct import checkpoint
 from slct.config import load_config
 from slct.curriculum import curriculum_stages, stage_start_step
 from slct.training import learning_rate, train
+from tiny_run import TINY_RUN
 
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0",
-        "logging.grid_size=4", "logging.plot=false", "logging.log_every_steps=2", "train.device=cpu",
-        "train.batch_size=8", "checkpoint.every_steps=4", "objective.min_stage_steps=0"]
+TINY = [*TINY_RUN, "logging.log_every_steps=2", "train.device=cpu", "train.batch_size=8", "checkpoint.every_steps=4",
+        "objective.min_stage_steps=0"]
 
 
 @pytest.mark.parametrize("total, s1, floor", [(2000, 640, 0), (500, 640, 125), (2000, 80, 0), (5, 640, 0)])

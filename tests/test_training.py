@@ -17,10 +17,9 @@ from slct import checkpoint
 from slct.cli import main
 from slct.config import list_presets, load_config
 from slct.training import train
+from tiny_run import TINY_RUN
 
-# small end-of-run grids and no training.png: drawn in every test run they cost seconds (tested where they matter)
-TINY = ["network.name=unet-tiny", "logging.sample_every_steps=0", "logging.grid_size=4", "logging.plot=false",
-        "logging.log_every_steps=5"]
+TINY = [*TINY_RUN, "logging.log_every_steps=5"]
 
 
 def tiny_cfg(method="slct", steps=20, batch=16, *extra):

@@ -9,8 +9,9 @@ from pathlib import Path
 from slct.training.bands import NOISE_BANDS
 
 def plot_metrics(metrics_path: Path, out: Path, stage_starts: list[int] | None = None) -> Path | None:
-    """One PNG (None for fewer than two logged steps): loss terms, loss and r/(2c^2) per noise band, gradient norm, c, N (and FD when evaluated) against
-    the step, with the curriculum's stage starts (``stage_starts``) as dotted lines."""
+    """One PNG (None for fewer than two logged steps): loss terms, loss and r/(2c^2) per noise band, gradient norm,
+    c, N (and FD when evaluated) against the step, with the curriculum's stage starts (``stage_starts``) as dotted
+    lines."""
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
     rows = list({r["step"]: r for r in rows if "step" in r}.values())  # after a rollback the latest row of a step wins
     rows.sort(key=lambda r: r["step"])
